@@ -1,0 +1,11 @@
+"""lasnn: layer-wise ANN-to-SNN knowledge distillation with fused LIF and attention-transfer kernels.
+
+Importing lasnn never fails because the compiled extension or Triton is missing; ``python -m lasnn info``
+says which backends each op has here and why the others are unavailable.
+"""
+
+from lasnn import backends, nn
+from lasnn.ops import lif
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "backends", "lif", "nn"]

@@ -1,0 +1,55 @@
+"""Loads the compiled extension ``lasnn._C`` and Triton, if they are there, and remembers why not.
+
+Importing lasnn never fails because either is missing: the reason is kept and shown by
+``python -m lasnn info`` and by the error of an explicitly requested backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+C_ERROR: str | None = None
+try:
+    importlib.import_module("lasnn._C")
+except Exception as e:  # ImportError, or an undefined-symbol OSError from an ABI mismatch
+    C_ERROR = f"lasnn._C could not be imported ({type(e).__name__}: {e}); run `pip install -e .`"
+
+HAS_C = C_ERROR is None
+
+
+def c_has_kernel(name: str, key: str = "CPU") -> bool:
+    """Whether ``lasnn._C`` registered a kernel of ``lasnn::<name>`` for dispatch key ``key``."""
+    if not HAS_C:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"lasnn::{name}", key)
+    except Exception:  # op not defined at all
+        return False
+
+
+def c_has_op(name: str) -> bool:
+    """Whether ``lasnn._C`` has a CPU kernel of ``lasnn::<name>``."""
+    return c_has_kernel(name, "CPU")
+
+
+def c_has_cuda_kernels(name: str = "lif_fwd") -> bool:
+    """Whether ``lasnn._C`` was built with the CUDA kernel of ``lasnn::<name>``."""
+    return c_has_kernel(name, "CUDA")
+
+
+TRITON_ERROR: str | None = None
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as e:
+    TRITON_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
+
+HAS_TRITON = TRITON_ERROR is None
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

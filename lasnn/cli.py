@@ -1,0 +1,47 @@
+"""Command line: ``lasnn <command>`` (same as ``python -m lasnn <command>``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    import lasnn
+    from lasnn import _ext, backends
+
+    print(f"lasnn {lasnn.__version__}  torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})  "
+          f"python {platform.python_version()}")
+    print(f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}")
+    print(f"extension lasnn._C: {'loaded' if _ext.HAS_C else _ext.C_ERROR}")
+    if _ext.HAS_C:
+        print(f"  CUDA kernels compiled in: {_ext.c_has_cuda_kernels()}")
+    print(f"triton: {'importable' if _ext.HAS_TRITON else _ext.TRITON_ERROR}"
+          f"{' (TRITON_INTERPRET=1: runs on CPU tensors)' if _ext.triton_interpret() else ''}")
+    print()
+    width = max(len(op) for op in backends.OPS)
+    for op, b, status in backends.table():
+        print(f"  {op:<{width}}  {b:<9}  {status}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lasnn", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("info", help="which backends each op has here, and why the others are unavailable")
+    s.set_defaults(func=_cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lasnn`` / ``python -m lasnn``."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Multi-step spiking neurons as modules: thin wrappers over ``lasnn.lif``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lasnn.ops.lif import lif
+from lasnn.ops._common import check_float
+from lasnn.reference.lif import SURROGATES
+
+
+class LIF(nn.Module):
+    """Multi-step LIF neuron: ``[T, *] -> [T, *]`` spikes, usable in place of ``nn.ReLU``.
+
+    Stateless between calls: every forward starts from ``v_init`` = 0 (see ``lasnn.lif`` for the
+    recurrence and the arguments). For streaming, call ``lasnn.lif(..., return_v=True)`` directly.
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        decay_input: bool = True,
+        detach_reset: bool = False,
+        surrogate: str = "sigmoid",
+        alpha: float = 4.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.tau = check_float("tau", tau, positive=True, allow_inf=True)
+        self.v_threshold = check_float("v_threshold", v_threshold)
+        self.v_reset = None if v_reset is None else check_float("v_reset", v_reset)
+        self.alpha = check_float("alpha", alpha, positive=True)
+        if surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {sorted(SURROGATES)}, got {surrogate!r}")
+        self.decay_input = bool(decay_input)
+        self.detach_reset = bool(detach_reset)
+        self.surrogate = surrogate
+        self.backend = backend
+
+    def forward(self, x_seq: torch.Tensor, v_init: torch.Tensor | None = None) -> torch.Tensor:
+        """x_seq: ``[T, *]`` -> spikes ``[T, *]``."""
+        return lif(
+            x_seq, v_init, tau=self.tau, v_threshold=self.v_threshold, v_reset=self.v_reset,
+            decay_input=self.decay_input, detach_reset=self.detach_reset, surrogate=self.surrogate,
+            alpha=self.alpha, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        reset = "soft" if self.v_reset is None else f"hard({self.v_reset:g})"
+        tau = "inf" if math.isinf(self.tau) else f"{self.tau:g}"
+        s = f"tau={tau}, v_threshold={self.v_threshold:g}, reset={reset}"
+        if not math.isinf(self.tau):
+            s += f", decay_input={self.decay_input}"
+        s += f", detach_reset={self.detach_reset}, surrogate={self.surrogate}(alpha={self.alpha:g})"
+        if self.backend != "auto":
+            s += f", backend={self.backend}"
+        return s
+
+
+class IF(LIF):
+    """Multi-step integrate-and-fire neuron (LIF with tau = inf: ``H = V + X``)."""
+
+    def __init__(
+        self,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        detach_reset: bool = False,
+        surrogate: str = "sigmoid",
+        alpha: float = 4.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            tau=math.inf, v_threshold=v_threshold, v_reset=v_reset, decay_input=False,
+            detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, backend=backend,
+        )
