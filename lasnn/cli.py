@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
+
+_COMMAND_MODULES = ("lasnn.distill.cli", "lasnn.convert.cli")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -34,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("info", help="which backends each op has here, and why the others are unavailable")
     s.set_defaults(func=_cmd_info)
+    # Each pipeline adds its own commands: a module listed here defines register(subparsers), and
+    # every command it adds sets ``func``. Listed modules that do not exist yet are skipped; one that
+    # exists must import cleanly.
+    for mod in _COMMAND_MODULES:
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod).register(sub)
     return p
 
 

@@ -1,0 +1,1 @@
+"""LaSNN distillation trainer (issue 5)."""
