@@ -7,7 +7,7 @@ import importlib
 import importlib.util
 import sys
 
-_COMMAND_MODULES = ("lasnn.distill.cli", "lasnn.convert.cli")
+_COMMAND_MODULES = ("lasnn.models.cli", "lasnn.distill.cli", "lasnn.convert.cli")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
