@@ -1,0 +1,352 @@
+"""Data set loaders: everything is read once into whole tensors (see ``lasnn.data`` for the API)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lasnn.data.loader import TensorLoader, random_crop, random_hflip
+
+__all__ = ["DATASETS", "Dataset", "DatasetError", "load_dataset"]
+
+
+class DatasetError(ValueError):
+    """A data set is unknown, missing or malformed (the message names the files expected)."""
+
+
+@dataclass
+class Dataset:
+    """A data set held in memory as whole tensors, with its normalisation and augmentation recipe.
+
+    Attributes:
+        name: registry name (``lasnn.data.DATASETS``).
+        x_train, x_test: ``[N, C, H, W]`` images or ``[N, C, L]`` signals, raw values (uint8 for the
+            image files, float32 otherwise); ``prepare`` scales, augments and normalises a batch.
+        y_train, y_test: ``[N]`` int64 labels in ``[0, num_classes)``.
+        num_classes: number of classes.
+        mean, std: per-channel normalisation applied after scaling by ``scale``.
+        scale: raw value -> intensity in [0, 1] (1/255 for uint8 images, 1/16 for digits, 1 for signals).
+        crop_padding: random-crop padding used by training augmentation (0: none).
+        hflip: whether training augmentation flips horizontally.
+        classes: class names when the data set has them.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = 1.0
+    crop_padding: int = 0
+    hflip: bool = False
+    classes: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample without the batch axis: ``(C, H, W)`` or ``(C, L)``."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def kind(self) -> str:
+        """``"image"`` (2-D spatial) or ``"signal"`` (1-D)."""
+        return "image" if self.x_train.dim() == 4 else "signal"
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw batch ``[B, C, ...]`` -> float32 model input: ``(x * scale - mean) / std`` per channel."""
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(shape)
+        return (x.float() * self.scale - mean) / std
+
+    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training augmentation of a raw batch: random crop with zero padding, then a random flip."""
+        x = random_crop(x, self.crop_padding, generator)
+        if self.hflip:
+            x = random_hflip(x, generator)
+        return x
+
+    def prepare(self, x: torch.Tensor, generator: torch.Generator | None = None, *, augment: bool = False):
+        """Raw batch -> model input (augmented first when ``augment``; needs ``generator`` then)."""
+        if augment:
+            if generator is None:
+                raise ValueError("prepare(augment=True) needs a generator")
+            x = self.augment(x, generator)
+        return self.normalize(x)
+
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        train: bool | None = None,
+        augment: bool | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str | None = None,
+    ) -> TensorLoader:
+        """A ``TensorLoader`` over ``split`` (``"train"`` or ``"test"``) yielding normalised batches.
+
+        ``train`` (default: ``split == "train"``) shuffles per epoch and drops the last incomplete batch;
+        ``augment`` (default: ``train``) applies ``augment``. Batches: ``x [B, *input_shape]`` float32,
+        ``y [B]`` int64.
+        """
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        train = (split == "train") if train is None else train
+        augment = train if augment is None else augment
+        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = functools.partial(
+            _transform, self, augment
+        )
+        return TensorLoader(
+            x, y, batch_size, shuffle=train, transform=transform, seed=seed, rank=rank, world_size=world_size,
+            drop_last=train and x.shape[0] >= batch_size * world_size, device=device,
+        )
+
+    def summary(self) -> dict:
+        """JSON-friendly description (what run configs and reports record)."""
+        return {
+            "name": self.name, "num_classes": self.num_classes, "input_shape": list(self.input_shape),
+            "train_size": int(self.x_train.shape[0]), "test_size": int(self.x_test.shape[0]),
+        }
+
+
+def _transform(ds: Dataset, augment: bool, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return ds.prepare(x, generator, augment=augment)
+
+
+def _channel_stats(x: torch.Tensor, scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    dims = [0, *range(2, x.dim())]
+    xf = x.double() * scale
+    mean = xf.mean(dim=dims)
+    std = xf.std(dim=dims).clamp_min(1e-6)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+# ----------------------------------------------------------------------------------------- built-in
+
+
+@functools.lru_cache(maxsize=2)
+def _digits_arrays(seed: int) -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    return tuple(train_test_split(d.images, d.target, test_size=0.2, random_state=seed, stratify=d.target))
+
+
+def _load_digits(data_dir: Path | None, seed: int) -> Dataset:
+    # The split is fixed (seed 0 unless asked otherwise) so that every run and report compares the same
+    # 1437 train / 360 test images.
+    xtr, xte, ytr, yte = _digits_arrays(seed)
+    x_train = torch.from_numpy(xtr).float().unsqueeze(1)
+    x_test = torch.from_numpy(xte).float().unsqueeze(1)
+    scale = 1.0 / 16.0
+    mean, std = _channel_stats(x_train, scale)
+    # 8x8 digits: a 1-pixel shift is the useful augmentation; flips would turn digits into other shapes.
+    return Dataset("digits", x_train, torch.from_numpy(ytr).long(), x_test, torch.from_numpy(yte).long(), 10,
+                   mean, std, scale=scale, crop_padding=1, hflip=False, classes=[str(i) for i in range(10)])
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays() -> dict:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    # make_dataset generates the standard split offline in about a second (its get_dataset would
+    # download a pickle instead), so an in-process cache is all it needs.
+    return make_dataset(get_dataset_args())
+
+
+def _load_mnist1d(data_dir: Path | None, seed: int) -> Dataset:
+    d = _mnist1d_arrays()
+    x_train = torch.from_numpy(np.asarray(d["x"], dtype=np.float32)).unsqueeze(1)
+    x_test = torch.from_numpy(np.asarray(d["x_test"], dtype=np.float32)).unsqueeze(1)
+    mean, std = _channel_stats(x_train, 1.0)
+    # No augmentation: the generator already shifts, scales and corrupts each signal, and the data set
+    # is the fixed benchmark split. Signals are not flipped (time has a direction).
+    return Dataset("mnist1d", x_train, torch.from_numpy(np.asarray(d["y"])).long(), x_test,
+                   torch.from_numpy(np.asarray(d["y_test"])).long(), 10, mean, std, scale=1.0,
+                   crop_padding=0, hflip=False, classes=[str(i) for i in range(10)])
+
+
+def _load_synthetic(data_dir: Path | None, seed: int) -> Dataset:
+    # Learnable random data for tests: each class is a fixed random 8x8 template plus noise.
+    g = torch.Generator().manual_seed(1234 + seed)
+    num_classes, n_train, n_test = 4, 256, 128
+    templates = torch.rand(num_classes, 1, 8, 8, generator=g)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % num_classes
+        y = y[torch.randperm(n, generator=g)]
+        x = (templates[y] + 0.35 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1)
+        return x, y
+
+    x_train, y_train = make(n_train)
+    x_test, y_test = make(n_test)
+    mean, std = _channel_stats(x_train, 1.0)
+    return Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes, mean, std, scale=1.0,
+                   crop_padding=1, hflip=False, classes=[f"class{i}" for i in range(num_classes)])
+
+
+# ------------------------------------------------------------------------------------- from files
+
+
+def _find_dir(data_dir: Path | None, folder: str, dataset: str, expected: list[str]) -> Path:
+    if data_dir is None:
+        raise DatasetError(
+            f"dataset {dataset!r} is read from disk and is never downloaded: pass data_dir (--data-dir) "
+            f"pointing at the folder that holds {folder}/ (expected files: {', '.join(expected)})"
+        )
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise DatasetError(f"data_dir {str(data_dir)!r} does not exist or is not a folder (dataset {dataset!r} "
+                           f"expects {folder}/ with {', '.join(expected)})")
+    # Accept both the parent (torchvision's root) and the data set folder itself.
+    for cand in (data_dir / folder, data_dir):
+        if all((cand / f).exists() for f in expected):
+            return cand
+    root = data_dir / folder if (data_dir / folder).is_dir() else data_dir
+    missing = [f for f in expected if not (root / f).exists()]
+    raise DatasetError(
+        f"dataset {dataset!r}: {str(root)!r} lacks {', '.join(missing)} (expected {folder}/ holding "
+        f"{', '.join(expected)}, the standard release; lasnn never downloads)"
+    )
+
+
+def _unpickle(path: Path, dataset: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except Exception as e:  # any unpickling failure means a malformed file
+        raise DatasetError(f"dataset {dataset!r}: cannot read {str(path)!r} as a python pickle ({e})") from e
+    if not isinstance(entry, dict):
+        raise DatasetError(f"dataset {dataset!r}: {str(path)!r} holds a {type(entry).__name__}, expected a dict")
+    return entry
+
+
+def _cifar_arrays(files: list[Path], label_key: str, dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for p in files:
+        e = _unpickle(p, dataset)
+        if "data" not in e or label_key not in e:
+            raise DatasetError(f"dataset {dataset!r}: {str(p)!r} lacks the 'data' and {label_key!r} entries "
+                               f"(has {sorted(e)})")
+        data = np.asarray(e["data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(e[label_key]) != data.shape[0]:
+            raise DatasetError(f"dataset {dataset!r}: {str(p)!r} 'data' must be uint8 [N, 3072] with N labels, "
+                               f"got {data.dtype} {data.shape} and {len(e[label_key])} labels")
+        xs.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        ys.append(torch.as_tensor(np.asarray(e[label_key]), dtype=torch.long))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _load_cifar10(data_dir: Path | None, seed: int) -> Dataset:
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+    root = _find_dir(data_dir, "cifar-10-batches-py", "cifar10", [*train_files, "test_batch", "batches.meta"])
+    x_train, y_train = _cifar_arrays([root / f for f in train_files], "labels", "cifar10")
+    x_test, y_test = _cifar_arrays([root / "test_batch"], "labels", "cifar10")
+    meta = _unpickle(root / "batches.meta", "cifar10")
+    classes = list(meta.get("label_names", [])) or None
+    return _image_dataset("cifar10", x_train, y_train, x_test, y_test, 10, classes, crop_padding=4)
+
+
+def _load_cifar100(data_dir: Path | None, seed: int) -> Dataset:
+    root = _find_dir(data_dir, "cifar-100-python", "cifar100", ["train", "test", "meta"])
+    x_train, y_train = _cifar_arrays([root / "train"], "fine_labels", "cifar100")
+    x_test, y_test = _cifar_arrays([root / "test"], "fine_labels", "cifar100")
+    meta = _unpickle(root / "meta", "cifar100")
+    classes = list(meta.get("fine_label_names", [])) or None
+    return _image_dataset("cifar100", x_train, y_train, x_test, y_test, 100, classes, crop_padding=4)
+
+
+def _read_rgb64(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if arr.shape != (64, 64, 3):
+        raise DatasetError(f"dataset 'tinyimagenet': {str(path)!r} is {arr.shape[1]}x{arr.shape[0]}, expected 64x64")
+    return arr
+
+
+def _load_tinyimagenet(data_dir: Path | None, seed: int) -> Dataset:
+    root = _find_dir(data_dir, "tiny-imagenet-200", "tinyimagenet",
+                     ["wnids.txt", "train", "val/images", "val/val_annotations.txt"])
+    wnids = [w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip()]
+    if not wnids:
+        raise DatasetError(f"dataset 'tinyimagenet': {str(root / 'wnids.txt')!r} lists no class ids")
+    index = {w: i for i, w in enumerate(wnids)}
+    train_x, train_y = [], []
+    for w in wnids:
+        files = sorted((root / "train" / w / "images").glob("*.JPEG"))
+        if not files:
+            raise DatasetError(f"dataset 'tinyimagenet': no images in {str(root / 'train' / w / 'images')!r} "
+                               "(expected train/<wnid>/images/*.JPEG for every id in wnids.txt)")
+        train_x += [_read_rgb64(f) for f in files]
+        train_y += [index[w]] * len(files)
+    test_x, test_y = [], []
+    for line_no, line in enumerate((root / "val" / "val_annotations.txt").read_text().splitlines(), 1):
+        parts = line.split("\t") if "\t" in line else line.split()
+        if not parts:
+            continue
+        if len(parts) < 2 or parts[1] not in index:
+            raise DatasetError(f"dataset 'tinyimagenet': val/val_annotations.txt line {line_no} is not "
+                               f"'<file> <wnid> ...' with a wnid from wnids.txt: {line!r}")
+        test_x.append(_read_rgb64(root / "val" / "images" / parts[0]))
+        test_y.append(index[parts[1]])
+    x_train = torch.from_numpy(np.stack(train_x)).permute(0, 3, 1, 2).contiguous()
+    x_test = torch.from_numpy(np.stack(test_x)).permute(0, 3, 1, 2).contiguous()
+    return _image_dataset("tinyimagenet", x_train, torch.tensor(train_y), x_test, torch.tensor(test_y),
+                          len(wnids), wnids, crop_padding=8)
+
+
+def _image_dataset(name, x_train, y_train, x_test, y_test, num_classes, classes, crop_padding) -> Dataset:
+    bad = int(((y_train < 0) | (y_train >= num_classes)).sum() + ((y_test < 0) | (y_test >= num_classes)).sum())
+    if bad:
+        raise DatasetError(f"dataset {name!r}: {bad} labels fall outside [0, {num_classes})")
+    mean, std = _channel_stats(x_train, 1.0 / 255.0)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean, std, scale=1.0 / 255.0,
+                   crop_padding=crop_padding, hflip=True, classes=classes)
+
+
+DATASETS: dict[str, Callable[[Path | None, int], Dataset]] = {
+    "mnist1d": _load_mnist1d,
+    "digits": _load_digits,
+    "cifar10": _load_cifar10,
+    "cifar100": _load_cifar100,
+    "tinyimagenet": _load_tinyimagenet,
+    "synthetic": _load_synthetic,
+}
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, split_seed: int = 0) -> Dataset:
+    """Load a data set into memory.
+
+    Args:
+        name: one of ``lasnn.data.DATASETS``: ``mnist1d`` (default of the commands), ``digits``,
+            ``synthetic`` (built in); ``cifar10``, ``cifar100``, ``tinyimagenet`` (read from ``data_dir``).
+        data_dir: folder holding (or being) ``cifar-10-batches-py``, ``cifar-100-python`` or
+            ``tiny-imagenet-200``; ignored by the built-in data sets.
+        split_seed: seed of the digits train/test split and of the synthetic data (0: the standard one).
+    Returns:
+        a ``Dataset`` (tensors ``[N, C, H, W]`` / ``[N, C, L]`` plus labels, classes and normalisation).
+    Raises:
+        DatasetError (a ValueError) for an unknown name or missing/malformed files, naming what was expected.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    return DATASETS[key](Path(data_dir) if data_dir is not None else None, int(split_seed))
