@@ -1,0 +1,106 @@
+"""One-pass latency curve: accuracy at every T = 1..T_max from a single simulation of T_max steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["accuracy_vs_timesteps", "stepper"]
+
+
+def _batch_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+        raise TypeError(f"loader must yield (x, y) batches, got {type(batch).__name__}")
+    x, y = batch[0], batch[1]
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"loader must yield (x, y) tensors, got ({type(x).__name__}, {type(y).__name__})")
+    return x, y
+
+
+def stepper(snn: nn.Module) -> tuple[Callable[[], None], Callable[[torch.Tensor, int], torch.Tensor]]:
+    """``(reset, simulate)`` for an SNN that can run a long sequence in chunks carrying its state.
+
+    ``simulate(x [B, *], steps) -> per-step logits [steps, B, classes]`` continues from the state left by
+    the previous call; ``reset()`` starts a new sequence. Supported: ``lasnn.convert``'s ``ConvertedSNN``
+    and any module with the same two methods (``reset()``, ``simulate(x, steps)``), which includes
+    spikify'd / distilled students when they provide them.
+    """
+    reset = getattr(snn, "reset", None)
+    simulate = getattr(snn, "simulate", None)
+    if callable(reset) and callable(simulate):
+        return reset, simulate
+    raise TypeError(
+        f"snn ({type(snn).__name__}) cannot stream: accuracy_vs_timesteps needs reset() and simulate(x, steps) "
+        "-> per-step logits [steps, B, classes] carrying the membrane state between calls"
+    )
+
+
+@torch.no_grad()
+def accuracy_vs_timesteps(
+    snn: nn.Module,
+    loader: Iterable,
+    T_max: int = 256,
+    *,
+    chunk: int = 32,
+    device: torch.device | str | None = None,
+) -> dict[int, float]:
+    """Top-1 accuracy after every number of time steps ``T = 1..T_max``, from ONE simulation of ``T_max`` steps.
+
+    Per batch the SNN runs ``T_max`` steps in chunks of ``chunk`` (membranes carried across chunks via
+    ``simulate``/``reset``); the per-step logits are accumulated step by step, and the prediction after
+    ``T`` steps is the argmax of the sum of the first ``T`` (the same as of their mean, which is what a
+    separate ``T``-step run outputs). So the whole curve costs one ``T_max``-step run.
+
+    Args:
+        snn: a ``ConvertedSNN`` or another module with ``reset()`` and ``simulate(x, steps)`` (see ``stepper``).
+        loader: iterable of ``(x [B, *], y [B])`` batches (integer class labels).
+        T_max: the longest latency, an int >= 1.
+        chunk: steps simulated per call (memory ~ chunk × one ANN forward); does not change the results.
+        device: where to run (default: the SNN's parameters' device).
+    Returns:
+        ``{T: accuracy in [0, 1]}`` for every ``T`` from 1 to ``T_max``.
+    """
+    if isinstance(T_max, bool) or not isinstance(T_max, int) or T_max < 1:
+        raise ValueError(f"T_max must be an int >= 1, got {T_max!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    reset, simulate = stepper(snn)
+    if device is None:
+        p = next(iter(snn.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    was_training = snn.training
+    snn.eval()
+    correct = torch.zeros(T_max, dtype=torch.int64)
+    total = 0
+    try:
+        for batch in loader:
+            x, y = _batch_xy(batch)
+            if x.shape[0] == 0:
+                continue
+            x, y = x.to(device), y.to(device)
+            reset()
+            acc_logits = None
+            for start in range(0, T_max, chunk):
+                steps = min(chunk, T_max - start)
+                out = simulate(x, steps)  # [steps, B, classes]
+                if out.dim() != 2 + (y.dim()) or out.shape[0] != steps or out.shape[1] != x.shape[0]:
+                    raise RuntimeError(
+                        f"simulate(x, {steps}) must return per-step logits [{steps}, {x.shape[0]}, classes], "
+                        f"got shape {tuple(out.shape)}"
+                    )
+                # float64 running sums: thousands of steps of fp32 logits would otherwise drift
+                cum = out.double().cumsum(0)
+                if acc_logits is not None:
+                    cum += acc_logits
+                correct[start : start + steps] += (cum.argmax(-1) == y.unsqueeze(0)).sum(1).cpu()
+                acc_logits = cum[-1]
+            total += x.shape[0]
+            reset()
+    finally:
+        snn.train(was_training)
+    if total == 0:
+        raise ValueError("loader yielded no (non-empty) batches: nothing to evaluate")
+    return {t + 1: float(correct[t]) / total for t in range(T_max)}
