@@ -7,6 +7,8 @@ says which backends each op has here and why the others are unavailable.
 from lasnn import backends, nn
 from lasnn.convert import accuracy_vs_timesteps, convert  # the function shadows the subpackage, like lif
 from lasnn.ops import lif
+from lasnn.ops.attention import attention_loss, attention_map, kd_loss
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "accuracy_vs_timesteps", "backends", "convert", "lif", "nn"]
+__all__ += ["attention_loss", "attention_map", "kd_loss"]

@@ -1,0 +1,196 @@
+// Fused raw attention map (forward) and its gradient (backward) on CPU.
+//
+//   feat [T, B, C, S] -> time_mean: m[b, s]    = 1/C sum_c |1/T sum_t feat[t, b, c, s]|^p
+//                        per step:  m[t, b, s] = 1/C sum_c |feat[t, b, c, s]|^p
+//
+// The student features are read once and nothing of their size is allocated: threads split
+// (row, spatial tile) work items (at::parallel_for, OpenMP); each item loops over C (and T) with a
+// tile of accumulators in a stack array, so the inner loops run over contiguous memory and gcc
+// vectorises them. The per-step mode is the time-mean mode with T' = 1 over R = T*B rows, since
+// [T, B, C, S] contiguous is [T*B, C, S]. Accumulation in fp32 (fp64 for fp64); the map is returned
+// in that accumulation type. The backward reads feat and grad_map once and writes grad_feat once:
+//   grad_feat[t, b, c, s] = grad_map[b, s] / (C T) * p |m_c|^(p-1) sign(m_c)     (m_c = mean_t feat)
+//                         = grad_map[t, b, s] / C * p |feat|^(p-1) sign(feat)     (per step)
+// Math: csrc/attention_math.h; oracle: lasnn/reference/attention.py.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attention_math.h"
+
+namespace lasnn {
+namespace {
+
+// Spatial tile: 256 accumulators (1-2 KiB) stay in L1 while C*T rows of the tile stream through.
+constexpr int64_t kTile = 256;
+
+void check_attention_inputs(const at::Tensor& feat, double p, const char* op) {
+  TORCH_CHECK(feat.dim() == 4, op, ": feat must be [T, B, C, S] (the caller flattens space), got shape ",
+              feat.sizes());
+  TORCH_CHECK(at::isFloatingType(feat.scalar_type()), op, ": feat must be a floating tensor, got ",
+              feat.scalar_type());
+  TORCH_CHECK(std::isfinite(p) && p > 0, op, ": p must be finite and > 0, got ", p);
+}
+
+at::ScalarType map_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::vector<int64_t> map_shape(const at::Tensor& feat, bool time_mean) {
+  if (time_mean) return {feat.size(1), feat.size(3)};
+  return {feat.size(0), feat.size(1), feat.size(3)};
+}
+
+template <int PK, typename scalar_t, typename acc_t>
+void fwd_impl(const scalar_t* x, acc_t* out, int64_t R, int64_t TT, int64_t C, int64_t S, int64_t tstride,
+              acc_t p) {
+  const int64_t ntiles = (S + kTile - 1) / kTile;
+  const acc_t inv_t = acc_t(1) / acc_t(TT), inv_c = acc_t(1) / acc_t(C);
+  const int64_t work_per_item = std::max<int64_t>(1, C * TT * std::min(S, kTile));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / work_per_item);
+  at::parallel_for(0, R * ntiles, grain, [&](int64_t begin, int64_t end) {
+    acc_t acc[kTile];
+    acc_t tm[kTile];
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t r = w / ntiles, s0 = (w % ntiles) * kTile;
+      const int64_t n = std::min(kTile, S - s0);
+      for (int64_t i = 0; i < n; ++i) acc[i] = acc_t(0);
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* xc = x + (r * C + c) * S + s0;
+        if (TT == 1) {
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < n; ++i) acc[i] += abs_pow<PK, acc_t>(acc_t(xc[i]), p);
+        } else {
+          for (int64_t i = 0; i < n; ++i) tm[i] = acc_t(xc[i]);
+          for (int64_t t = 1; t < TT; ++t) {
+            const scalar_t* xt = xc + t * tstride;
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < n; ++i) tm[i] += acc_t(xt[i]);
+          }
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < n; ++i) acc[i] += abs_pow<PK, acc_t>(tm[i] * inv_t, p);
+        }
+      }
+      acc_t* o = out + r * S + s0;
+      for (int64_t i = 0; i < n; ++i) o[i] = acc[i] * inv_c;
+    }
+  });
+}
+
+template <int PK, typename scalar_t, typename acc_t>
+void bwd_impl(const acc_t* g, const scalar_t* x, scalar_t* gx, int64_t R, int64_t TT, int64_t C, int64_t S,
+              int64_t tstride, acc_t p) {
+  const int64_t ntiles = (S + kTile - 1) / kTile;
+  const acc_t inv_t = acc_t(1) / acc_t(TT), inv_c = acc_t(1) / acc_t(C);
+  const int64_t work_per_item = std::max<int64_t>(1, C * TT * std::min(S, kTile));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / work_per_item);
+  at::parallel_for(0, R * ntiles, grain, [&](int64_t begin, int64_t end) {
+    acc_t gs[kTile];
+    acc_t tm[kTile];
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t r = w / ntiles, s0 = (w % ntiles) * kTile;
+      const int64_t n = std::min(kTile, S - s0);
+      // d m / d (mean_t feat) carries 1/C; d (mean_t feat) / d feat_t carries 1/T.
+      for (int64_t i = 0; i < n; ++i) gs[i] = g[r * S + s0 + i] * inv_c * inv_t;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t off = (r * C + c) * S + s0;
+        const scalar_t* xc = x + off;
+        scalar_t* gc = gx + off;
+        if (TT == 1) {
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < n; ++i) gc[i] = scalar_t(gs[i] * abs_pow_grad<PK, acc_t>(acc_t(xc[i]), p));
+        } else {
+          for (int64_t i = 0; i < n; ++i) tm[i] = acc_t(xc[i]);
+          for (int64_t t = 1; t < TT; ++t) {
+            const scalar_t* xt = xc + t * tstride;
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < n; ++i) tm[i] += acc_t(xt[i]);
+          }
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < n; ++i) tm[i] = gs[i] * abs_pow_grad<PK, acc_t>(tm[i] * inv_t, p);
+          // Every step gets the same gradient (the time mean is linear).
+          for (int64_t t = 0; t < TT; ++t) {
+            scalar_t* gt = gc + t * tstride;
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < n; ++i) gt[i] = scalar_t(tm[i]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Calls fn.template operator()<PK>() with the exponent specialisation for p.
+template <typename F>
+void dispatch_pow(double p, F&& fn) {
+  switch (attention_pow_kind(p)) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    default: fn(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+at::Tensor attention_map_fwd_cpu(const at::Tensor& feat_, double p, bool time_mean) {
+  check_attention_inputs(feat_, p, "lasnn::attention_map_fwd");
+  TORCH_CHECK(feat_.device().is_cpu(), "lasnn::attention_map_fwd (cpu): feat must be on CPU");
+  const at::Tensor feat = feat_.contiguous();
+  const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
+  at::Tensor out = at::empty(map_shape(feat, time_mean), feat.options().dtype(map_dtype(feat.scalar_type())));
+  if (out.numel() == 0) return out;
+  // The mean over zero steps is NaN, as torch's mean of an empty dimension.
+  if (T == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());
+  const int64_t R = time_mean ? B : T * B;
+  const int64_t TT = time_mean ? T : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "attention_map_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = feat.data_ptr<scalar_t>();
+    acc_t* o = out.data_ptr<acc_t>();
+    dispatch_pow(p, [&](auto pk) {
+      fwd_impl<decltype(pk)::value, scalar_t, acc_t>(x, o, R, TT, C, S, B * C * S, acc_t(p));
+    });
+  });
+  return out;
+}
+
+at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map_, const at::Tensor& feat_, double p, bool time_mean) {
+  check_attention_inputs(feat_, p, "lasnn::attention_map_bwd");
+  TORCH_CHECK(feat_.device().is_cpu(), "lasnn::attention_map_bwd (cpu): feat must be on CPU");
+  const auto want = map_shape(feat_, time_mean);
+  TORCH_CHECK(grad_map_.sizes() == at::IntArrayRef(want), "lasnn::attention_map_bwd: grad_map must have shape ",
+              at::IntArrayRef(want), ", got ", grad_map_.sizes());
+  TORCH_CHECK(grad_map_.device() == feat_.device(), "lasnn::attention_map_bwd: grad_map is on ", grad_map_.device(),
+              " but feat is on ", feat_.device());
+  const at::Tensor feat = feat_.contiguous();
+  const at::Tensor g = grad_map_.to(map_dtype(feat.scalar_type())).contiguous();
+  const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
+  at::Tensor grad_feat = at::empty_like(feat, at::MemoryFormat::Contiguous);
+  if (grad_feat.numel() == 0) return grad_feat;
+  const int64_t R = time_mean ? B : T * B;
+  const int64_t TT = time_mean ? T : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "attention_map_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = feat.data_ptr<scalar_t>();
+    const acc_t* gp = g.data_ptr<acc_t>();
+    scalar_t* gx = grad_feat.data_ptr<scalar_t>();
+    dispatch_pow(p, [&](auto pk) {
+      bwd_impl<decltype(pk)::value, scalar_t, acc_t>(gp, x, gx, R, TT, C, S, B * C * S, acc_t(p));
+    });
+  });
+  return grad_feat;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lasnn, CPU, m) {
+  m.impl("attention_map_fwd", &attention_map_fwd_cpu);
+  m.impl("attention_map_bwd", &attention_map_bwd_cpu);
+}
+
+}  // namespace lasnn
