@@ -4,3 +4,4 @@
 """
 
 AVAILABLE: tuple[str, ...] = ()
+AVAILABLE += ("attention_map",)
