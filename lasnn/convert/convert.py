@@ -10,8 +10,9 @@ gives identical spikes; we keep thresholds because they are what QCFS learns and
 The neurons run on the LIF operator's inference path: ``lasnn.lif(x, v_init, tau=inf, v_threshold=θ,
 v_reset=None)`` (IF neuron, reset by subtraction), with the membrane starting at
 ``initial_membrane·θ`` (0.5 halves the expected quantisation error, Bu et al. 2022; 0 is the classic
-recipe). Stateless layers run on all time steps at once with time folded into the batch (``[T·B, *]``),
-so unmodified forward code (Sequential CNNs, torchvision ResNet/VGG, the zoo) works unchanged.
+recipe). The SNN itself is built by ``lasnn.spikify`` (time folded into the batch, so unmodified
+forward code: Sequential CNNs, torchvision ResNet/VGG, the zoo), with an :class:`IFNeuron` holding the
+calibrated thresholds at every activation site.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from lasnn.convert.fold import fold_batchnorm
 from lasnn.nn.qcfs import QCFS
+from lasnn.nn.spikify import SNN, FoldedNeuron, spikify
 from lasnn.ops._common import check_float
 from lasnn.ops.lif import lif
 
@@ -34,6 +36,8 @@ __all__ = ["METHODS", "ConvertedSNN", "IFNeuron", "calibrate_thresholds", "conve
 METHODS = ("robust", "max", "qcfs")
 # Activation modules that conversion replaces by IF neurons (both are 0 for x <= 0 and monotone).
 ACTIVATIONS = (nn.ReLU, QCFS)
+# Activations an IF neuron cannot represent (negative outputs, saturation, smooth curves): refused.
+_UNSUPPORTED = (nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.Tanh)
 # Positive activations kept per call site for the percentile; beyond this they are subsampled.
 _MAX_SAMPLES = 1 << 23
 
@@ -44,6 +48,23 @@ def _batch_input(batch: Any, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must yield tensors or (x, y) tuples of tensors, got a batch of {type(x).__name__}")
     return x
+
+
+class _Replay:
+    """Iterates a calibration loader, remembering the rank of its inputs (spikify needs the input rank)."""
+
+    def __init__(self, loader: Iterable | None) -> None:
+        self.loader = loader
+        self.input_dims: int | None = None
+
+    def __iter__(self):
+        if self.loader is None:
+            return
+        for batch in self.loader:
+            x = _batch_input(batch, "calib_loader")
+            if self.input_dims is None:
+                self.input_dims = x.dim()
+            yield batch
 
 
 def _check_no_functional_relu(model: nn.Module) -> None:
@@ -207,63 +228,55 @@ def calibrate_thresholds(
     return thresholds
 
 
-class _SimState:
-    """Shared by the neurons of one ConvertedSNN: the number of time steps folded into the batch."""
-
-    def __init__(self) -> None:
-        self.steps = 1
-        self.streaming = False
-
-
 class IFNeuron(nn.Module):
-    """Converted IF neuron: ``[T·B, *] -> [T·B, *]`` outputs ``θ·S`` (time folded into the batch).
+    """Converted IF neuron, multi-step ``[T, *] -> [T, *]``: outputs ``θ·S`` (threshold balancing).
 
     Reset by subtraction, membrane starting at ``initial_membrane·θ``; one threshold per call site of
-    the module it replaced (a module called twice in one forward gets two thresholds and two membranes).
-    While its ConvertedSNN streams, the membrane after each chunk is carried to the next one.
+    the activation it replaced (a module called twice in one forward, like torchvision's BasicBlock
+    ``relu``, gets two thresholds; its ``ConvertedSNN`` rewinds the call counter at every forward).
+    Runs on ``lasnn.lif(x, v_init, tau=inf, v_threshold=θ, v_reset=None)``; ``forward_stateful`` is the
+    streaming hook that spikify's ``FoldedNeuron`` calls to carry the membrane across chunks.
     """
 
-    def __init__(self, thresholds: list[float], initial_membrane: float, sim: _SimState) -> None:
+    def __init__(self, thresholds: list[float], initial_membrane: float) -> None:
         super().__init__()
         if not thresholds or any(not (t > 0 and math.isfinite(t)) for t in thresholds):
             raise ValueError(f"thresholds must be a non-empty list of finite positive floats, got {thresholds}")
         self.thresholds = [float(t) for t in thresholds]
-        self.initial_membrane = float(initial_membrane)
-        self._sim = sim
+        self.initial_membrane = check_float("initial_membrane", initial_membrane)
         self._call = 0
-        self._v: list[torch.Tensor | None] = [None] * len(self.thresholds)
-        # spike and neuron-step counts since the last reset, for firing rates (a tensor: no device sync per call)
+        # spike and neuron-step counts since reset_counts(), for firing rates (a tensor: no device sync per call)
         self.spikes: torch.Tensor | float = 0.0
         self.neuron_steps = 0
 
-    def reset(self) -> None:
-        """Forget membranes and spike counts (a new input sequence starts)."""
-        self._call = 0
-        self._v = [None] * len(self.thresholds)
+    def reset_counts(self) -> None:
+        """Zero the spike counters."""
         self.spikes = 0.0
         self.neuron_steps = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[T·B, *]`` input current -> ``[T·B, *]`` outputs ``θ·S``."""
+    def forward_stateful(
+        self, x_seq: torch.Tensor, v_init: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_seq: ``[T, *]`` current, v_init: ``[*]`` or None (start at ``initial_membrane·θ``) ->
+        (``θ·S [T, *]``, membrane after the last step ``[*]``)."""
         i = self._call
         if i >= len(self.thresholds):
             raise RuntimeError(
                 f"IFNeuron was called {i + 1} times in one forward but was calibrated for {len(self.thresholds)} "
-                "call site(s); the forward code calls it differently than during calibration"
+                "call site(s): the forward code calls it differently than during calibration"
             )
         self._call += 1
-        steps = self._sim.steps
         theta = self.thresholds[i]
-        xs = x.reshape(steps, x.shape[0] // steps, *x.shape[1:])
-        v0 = self._v[i] if self._sim.streaming else None
-        if v0 is None:
-            v0 = torch.full_like(xs[0], self.initial_membrane * theta)
-        s, v = lif(xs, v0, tau=math.inf, v_threshold=theta, v_reset=None, return_v=True)
-        if self._sim.streaming:
-            self._v[i] = v
+        if v_init is None:
+            v_init = torch.full_like(x_seq[0], self.initial_membrane * theta)
+        s, v = lif(x_seq, v_init, tau=math.inf, v_threshold=theta, v_reset=None, return_v=True)
         self.spikes = self.spikes + s.detach().sum(dtype=torch.float64)
         self.neuron_steps += s.numel()
-        return (s * theta).reshape(x.shape)
+        return s * theta, v
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """x_seq: ``[T, *]`` input current -> ``[T, *]`` outputs ``θ·S``, from the initial membrane."""
+        return self.forward_stateful(x_seq, None)[0]
 
     def get_extra_state(self) -> dict:
         return {"thresholds": self.thresholds, "initial_membrane": self.initial_membrane}
@@ -271,95 +284,60 @@ class IFNeuron(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.thresholds = [float(t) for t in state["thresholds"]]
         self.initial_membrane = float(state["initial_membrane"])
-        self.reset()
 
     def extra_repr(self) -> str:
         th = ", ".join(f"{t:.4g}" for t in self.thresholds)
         return f"theta=[{th}], initial_membrane={self.initial_membrane:g}, reset=soft"
 
 
-class ConvertedSNN(nn.Module):
-    """An ANN converted to IF neurons; ``forward(x [B, *]) -> logits [B, classes]`` averaged over ``T`` steps.
+class ConvertedSNN(SNN):
+    """An ANN converted to IF neurons: a ``lasnn.spikify`` SNN (same calling convention) whose neurons are
+    :class:`IFNeuron` s.
 
-    Input encoding is direct (the analog input is presented at every step, as in the ANN). Stateless
-    between ``forward`` calls. Streaming: ``simulate(x, steps)`` returns the per-step logits
-    ``[steps, B, classes]`` and carries every membrane to the next ``simulate`` call until ``reset()``;
-    ``lasnn.accuracy_vs_timesteps`` uses it to get the whole latency curve from one run.
-    The inner network always stays in eval mode (conversion is inference only).
+    ``snn(x [B, *]) -> [B, classes]`` averaged over ``snn.T`` steps (direct encoding: the analog input
+    at every step), ``return_steps=True`` for ``[T, B, classes]``; stateless between calls, and
+    ``streaming()`` carries the membranes across calls (what ``lasnn.accuracy_vs_timesteps`` uses).
+    The body always stays in eval mode (conversion is inference only; batch norms keep their statistics).
     """
 
-    def __init__(self, net: nn.Module, *, T: int, method: str, initial_membrane: float, sim: _SimState) -> None:
-        super().__init__()
-        self.net = net
-        self.T = T
+    def __init__(self, snn: SNN, *, method: str, initial_membrane: float) -> None:
+        super().__init__(snn.body, snn.T, snn.encoder, snn.input_dims)
         self.method = method
         self.initial_membrane = initial_membrane
-        self._sim = sim
-        self.net.eval()
+        self.body.eval()
 
-    def neurons(self) -> list[tuple[str, IFNeuron]]:
-        """``(name, neuron)`` for every IF neuron, in module order."""
-        return [(n, m) for n, m in self.net.named_modules() if isinstance(m, IFNeuron)]
+    def if_neurons(self) -> list[tuple[str, IFNeuron]]:
+        """``(path in body, neuron)`` for every IF neuron, in module order."""
+        return [(n, m) for n, m in self.body.named_modules() if isinstance(m, IFNeuron)]
 
     def train(self, mode: bool = True) -> ConvertedSNN:
         super().train(mode)
-        self.net.eval()  # batch norms must keep their running statistics
+        self.body.eval()
         return self
 
-    def reset(self) -> None:
-        """Forget all membranes and spike counts."""
-        for _, m in self.neurons():
-            m.reset()
+    def forward(self, x: torch.Tensor, *, return_steps: bool = False) -> torch.Tensor:
+        """x: ``[B, *]`` (or encoded ``[T, B, *]``) -> logits ``[B, classes]`` (``[T, B, classes]`` if return_steps)."""
+        for _, m in self.if_neurons():
+            m._call = 0  # every forward replays the call sites in the same order
+        return super().forward(x, return_steps=return_steps)
 
-    def _run(self, x: torch.Tensor, steps: int) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1 or x.shape[0] == 0:
-            raise ValueError(f"x must be a non-empty batch [B, *], got shape {tuple(x.shape)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        B = x.shape[0]
-        for _, m in self.neurons():
-            m._call = 0
-        self._sim.steps = steps
-        xs = x.unsqueeze(0).expand(steps, *x.shape).reshape(steps * B, *x.shape[1:])
-        out = self.net(xs)
-        return out.reshape(steps, B, *out.shape[1:])
-
-    def simulate(self, x: torch.Tensor, steps: int) -> torch.Tensor:
-        """Run ``steps`` more time steps on input ``x [B, *]``, continuing from the current membranes.
-
-        Returns the per-step logits ``[steps, B, classes]``. Call ``reset()`` before a new input.
-        """
-        self._sim.streaming = True
-        try:
-            return self._run(x, steps)
-        finally:
-            self._sim.streaming = False
-
-    def forward(self, x: torch.Tensor, T: int | None = None) -> torch.Tensor:
-        """x: ``[B, *]`` -> logits ``[B, classes]`` averaged over ``T`` (default ``self.T``) steps, from fresh state."""
-        self.reset()
-        return self._run(x, self.T if T is None else T).mean(0)
+    def reset_counts(self) -> None:
+        """Zero every neuron's spike counters."""
+        for _, m in self.if_neurons():
+            m.reset_counts()
 
     def firing_rate(self) -> float:
-        """Spikes per neuron per step over everything run since the last ``reset()`` (nan if nothing ran)."""
-        ns = self.neurons()
+        """Spikes per neuron per step since the last ``reset_counts()`` (nan if nothing ran)."""
+        ns = self.if_neurons()
         steps = sum(m.neuron_steps for _, m in ns)
         return float(sum(m.spikes for _, m in ns)) / steps if steps else float("nan")
 
     def thresholds(self) -> dict[str, list[float]]:
-        """``{neuron name: [θ per call site]}``."""
-        return {n: list(m.thresholds) for n, m in self.neurons()}
+        """``{neuron path: [θ per call site]}``."""
+        return {n: list(m.thresholds) for n, m in self.if_neurons()}
 
     def extra_repr(self) -> str:
         return f"method={self.method}, T={self.T}, initial_membrane={self.initial_membrane:g}"
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
 
 
 def convert(
@@ -400,18 +378,32 @@ def convert(
         raise ValueError(f"initial_membrane must be in [0, 1] (a fraction of the threshold), got {initial_membrane}")
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"T must be an int >= 1, got {T!r}")
+    if calib_loader is None and method != "qcfs":
+        raise ValueError(f"calib_loader is required for method={method!r} (thresholds come from its activations)")
     if not any(isinstance(m, ACTIVATIONS) for m in ann.modules()):
         raise ValueError(
             f"ann ({type(ann).__name__}) has no activation module to replace: conversion needs nn.ReLU or "
             "lasnn.nn.QCFS modules"
         )
+    unsupported = sorted({type(m).__name__ for m in ann.modules() if isinstance(m, _UNSUPPORTED)})
+    if unsupported:
+        raise ValueError(f"ann has activations IF neurons cannot represent ({unsupported}); use nn.ReLU or QCFS")
     _check_no_functional_relu(ann)
     folded, _ = fold_batchnorm(ann)
-    thresholds = calibrate_thresholds(folded, calib_loader, method=method, percentile=percentile,
-                                      max_batches=max_batches)
-    sim = _SimState()
-    for name, thetas in thresholds.items():
-        _set_module(folded, name, IFNeuron(thetas, initial_membrane, sim))
+    calib = _Replay(calib_loader)
+    thresholds = calibrate_thresholds(folded, calib, method=method, percentile=percentile, max_batches=max_batches)
+    if method == "qcfs" and calib_loader is not None:
+        for _ in calib:  # no calibration needed; one batch tells the input rank
+            break
+    input_dims = calib.input_dims
     for p in folded.parameters():
         p.requires_grad_(False)
-    return ConvertedSNN(folded, T=T, method=method, initial_membrane=initial_membrane, sim=sim)
+    # spikify does the model walking and time folding; our neurons are then put in place by name
+    # (spikify keeps the module paths), because each needs its own thresholds.
+    snn = spikify(folded, T=T, neuron=nn.Identity, activations=ACTIVATIONS, copy=False, input_dims=input_dims)
+    for name, thetas in thresholds.items():
+        site = snn.body.get_submodule(name)
+        if not isinstance(site, FoldedNeuron):
+            raise RuntimeError(f"spikify did not replace activation {name!r} (got {type(site).__name__})")
+        site.neuron = IFNeuron(thetas, initial_membrane)
+    return ConvertedSNN(snn, method=method, initial_membrane=initial_membrane)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,22 +21,59 @@ def _batch_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def stepper(snn: nn.Module) -> tuple[Callable[[], None], Callable[[torch.Tensor, int], torch.Tensor]]:
-    """``(reset, simulate)`` for an SNN that can run a long sequence in chunks carrying its state.
+@contextlib.contextmanager
+def stepper(snn: nn.Module) -> Iterator[tuple[Callable[[], None], Callable[[torch.Tensor, int], torch.Tensor]]]:
+    """Context yielding ``(reset, simulate)`` for an SNN that can run a long sequence in chunks.
 
-    ``simulate(x [B, *], steps) -> per-step logits [steps, B, classes]`` continues from the state left by
-    the previous call; ``reset()`` starts a new sequence. Supported: ``lasnn.convert``'s ``ConvertedSNN``
-    and any module with the same two methods (``reset()``, ``simulate(x, steps)``), which includes
-    spikify'd / distilled students when they provide them.
+    ``simulate(x [B, *], steps) -> per-step logits [steps, B, classes]`` continues from the membranes
+    left by the previous call; ``reset()`` starts a new sequence. Supported: any ``lasnn.spikify`` SNN
+    (converted by ``lasnn.convert`` or distilled; through its ``streaming()`` mode, with ``x`` encoded to
+    ``steps`` more steps each call) and any module with its own ``reset()`` and ``simulate(x, steps)``.
     """
+    from lasnn.nn.spikify import SNN
+
+    if isinstance(snn, SNN):
+        T0 = snn.T
+
+        def simulate(x: torch.Tensor, steps: int) -> torch.Tensor:
+            snn.T = steps
+            return snn(x, return_steps=True)
+
+        try:
+            with snn.streaming():
+                yield snn.reset_state, simulate
+        finally:
+            snn.T = T0
+        return
     reset = getattr(snn, "reset", None)
-    simulate = getattr(snn, "simulate", None)
-    if callable(reset) and callable(simulate):
-        return reset, simulate
-    raise TypeError(
-        f"snn ({type(snn).__name__}) cannot stream: accuracy_vs_timesteps needs reset() and simulate(x, steps) "
-        "-> per-step logits [steps, B, classes] carrying the membrane state between calls"
-    )
+    sim = getattr(snn, "simulate", None)
+    if not (callable(reset) and callable(sim)):
+        raise TypeError(
+            f"snn ({type(snn).__name__}) cannot stream: accuracy_vs_timesteps needs a lasnn.spikify SNN or a module "
+            "with reset() and simulate(x, steps) -> per-step logits [steps, B, classes] carrying its state"
+        )
+    yield reset, sim
+
+
+def _correct_by_step(simulate: Callable, x: torch.Tensor, y: torch.Tensor, T_max: int, chunk: int) -> torch.Tensor:
+    """``[T_max]`` int64: correct predictions of this batch after 1..T_max steps."""
+    correct = torch.zeros(T_max, dtype=torch.int64)
+    acc_logits = None
+    for start in range(0, T_max, chunk):
+        steps = min(chunk, T_max - start)
+        out = simulate(x, steps)  # [steps, B, classes]
+        if out.dim() != 3 or out.shape[0] != steps or out.shape[1] != x.shape[0]:
+            raise RuntimeError(
+                f"simulate(x, {steps}) must return per-step logits [{steps}, {x.shape[0]}, classes], "
+                f"got shape {tuple(out.shape)}"
+            )
+        # float64 running sums: hundreds of steps of fp32 logits would otherwise drift
+        cum = out.double().cumsum(0)
+        if acc_logits is not None:
+            cum += acc_logits
+        correct[start : start + steps] = (cum.argmax(-1) == y.unsqueeze(0)).sum(1).cpu()
+        acc_logits = cum[-1]
+    return correct
 
 
 @torch.no_grad()
@@ -55,7 +93,8 @@ def accuracy_vs_timesteps(
     separate ``T``-step run outputs). So the whole curve costs one ``T_max``-step run.
 
     Args:
-        snn: a ``ConvertedSNN`` or another module with ``reset()`` and ``simulate(x, steps)`` (see ``stepper``).
+        snn: a ``lasnn.spikify`` SNN (``lasnn.convert``'s ``ConvertedSNN``, a distilled student) or a module
+            with ``reset()`` and ``simulate(x, steps)`` (see ``stepper``).
         loader: iterable of ``(x [B, *], y [B])`` batches (integer class labels).
         T_max: the longest latency, an int >= 1.
         chunk: steps simulated per call (memory ~ chunk × one ANN forward); does not change the results.
@@ -67,7 +106,6 @@ def accuracy_vs_timesteps(
         raise ValueError(f"T_max must be an int >= 1, got {T_max!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
-    reset, simulate = stepper(snn)
     if device is None:
         p = next(iter(snn.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -76,29 +114,16 @@ def accuracy_vs_timesteps(
     correct = torch.zeros(T_max, dtype=torch.int64)
     total = 0
     try:
-        for batch in loader:
-            x, y = _batch_xy(batch)
-            if x.shape[0] == 0:
-                continue
-            x, y = x.to(device), y.to(device)
-            reset()
-            acc_logits = None
-            for start in range(0, T_max, chunk):
-                steps = min(chunk, T_max - start)
-                out = simulate(x, steps)  # [steps, B, classes]
-                if out.dim() != 2 + (y.dim()) or out.shape[0] != steps or out.shape[1] != x.shape[0]:
-                    raise RuntimeError(
-                        f"simulate(x, {steps}) must return per-step logits [{steps}, {x.shape[0]}, classes], "
-                        f"got shape {tuple(out.shape)}"
-                    )
-                # float64 running sums: thousands of steps of fp32 logits would otherwise drift
-                cum = out.double().cumsum(0)
-                if acc_logits is not None:
-                    cum += acc_logits
-                correct[start : start + steps] += (cum.argmax(-1) == y.unsqueeze(0)).sum(1).cpu()
-                acc_logits = cum[-1]
-            total += x.shape[0]
-            reset()
+        with stepper(snn) as (reset, simulate):
+            for batch in loader:
+                x, y = _batch_xy(batch)
+                if x.shape[0] == 0:
+                    continue
+                x, y = x.to(device), y.to(device)
+                reset()
+                correct += _correct_by_step(simulate, x, y, T_max, chunk)
+                total += x.shape[0]
+                reset()
     finally:
         snn.train(was_training)
     if total == 0:
