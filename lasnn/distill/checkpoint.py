@@ -1,0 +1,146 @@
+"""Checkpoints: plain dicts of tensors and primitives, written atomically, read with ``weights_only=True``.
+
+A checkpoint never pickles Python objects: model/optimizer state dicts, RNG states as uint8/int64
+tensors, the run config as a dict of primitives. ``torch.load(weights_only=True)`` can therefore read it
+without executing code, and a file from another program (or a truncated one) fails with a
+``CheckpointError`` that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "atomic_write_text", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "lasnn-run"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, from another program/version, or does not fit the request."""
+
+
+def _atomic_replace(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary lives in the same folder so that os.replace is a rename on one file system: readers
+    # (and a resume after kill -9) see either the old file or the complete new one, never a torn one.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    _atomic_replace(Path(path), lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Save ``state`` (tensors, state dicts, primitives only) atomically, tagged with format and version."""
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    _atomic_replace(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint``.
+
+    Raises:
+        CheckpointError: missing file, unreadable/corrupt file, something that needs unpickling of code
+            (not ours), another format or a newer version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects refused by weights_only
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not a lasnn checkpoint (torch.load(weights_only=True) "
+            f"failed: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a lasnn run checkpoint (no format={FORMAT!r} tag)")
+    if not isinstance(ckpt.get("version"), int) or ckpt["version"] > VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {ckpt.get('version')!r}; this lasnn "
+                              f"reads versions <= {VERSION}")
+    for key in ("kind", "config", "model_state"):
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {str(path)!r} lacks the {key!r} entry")
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, as tensors/primitives (weights_only-safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_meta": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": torch.tensor(py_state[1], dtype=torch.int64),
+        "python_version": int(py_state[0]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    torch.set_rng_state(state["torch"].cpu())
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    pos, has_gauss, cached = state["numpy_meta"]
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
+    random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def module_generator_states(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """States of the private generators some modules own (``PoissonEncoder``), keyed ``module/device``.
+
+    Those streams are not part of ``state_dict`` but decide the spikes a seeded encoder draws, so an
+    exact resume must restore them.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, m in model.named_modules():
+        gens = getattr(m, "_generators", None)
+        if isinstance(gens, dict):
+            for dev, g in gens.items():
+                if isinstance(g, torch.Generator):
+                    out[f"{name}|{dev}"] = g.get_state()
+    return out
+
+
+def set_module_generator_states(model: torch.nn.Module, states: dict[str, torch.Tensor]) -> None:
+    """Restore what ``module_generator_states`` captured (creating the generators as needed)."""
+    modules = dict(model.named_modules())
+    for key, st in states.items():
+        name, dev = key.rsplit("|", 1)
+        m = modules.get(name)
+        gens = getattr(m, "_generators", None)
+        if not isinstance(gens, dict):
+            raise CheckpointError(f"checkpoint holds a generator state for module {name!r}, which has none")
+        g = gens.get(dev)
+        if g is None:
+            g = torch.Generator(device=dev)
+            gens[dev] = g
+        g.set_state(st.cpu() if g.device.type == "cpu" else st)

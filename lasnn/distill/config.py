@@ -1,0 +1,142 @@
+"""Run configurations: dataclasses that round-trip through ``RUN_DIR/config.json`` and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["DistillConfig", "TeacherConfig", "config_from_dict"]
+
+SCHEDULES = ("layerwise", "joint")
+ENCODINGS = ("direct", "poisson")
+EARLIER = ("freeze", "lr")
+TIME_REDUCE = ("mean", "per_step")
+
+
+def _check_int(name: str, v: object, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
+
+def _check_pos(name: str, v: object, *, allow_zero: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {v!r}")
+
+
+@dataclass
+class TeacherConfig:
+    """Everything that defines a teacher (ANN) run; ``RUN_DIR/config.json`` holds exactly these fields.
+
+    ``model=None`` picks the data set's default teacher (``lasnn.models.default_pair``). ``lr`` is the
+    SGD learning rate at the start of the cosine schedule (per-step cosine to 0 over the run).
+    ``save_every``: also checkpoint every that many steps inside an epoch (0: at epoch ends only).
+    """
+
+    dataset: str = "mnist1d"
+    data_dir: str | None = None
+    model: str | None = None
+    width: float | None = None
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+    seed: int = 0
+    save_every: int = 0
+    device: str = "auto"
+    amp: bool = True
+    kind: str = field(default="teacher", init=False)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError(f"dataset must be a data set name, got {self.dataset!r}")
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("save_every", self.save_every, 0)
+        _check_pos("lr", self.lr)
+        _check_pos("momentum", self.momentum, allow_zero=True)
+        _check_pos("weight_decay", self.weight_decay, allow_zero=True)
+        if self.width is not None:
+            _check_pos("width", self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DistillConfig(TeacherConfig):
+    """A LaSNN distillation run (student SNN from a trained teacher); extends ``TeacherConfig``.
+
+    ``teacher``: a teacher run folder or checkpoint file. ``student=None``: the data set's default
+    student. ``pairs``: ``"auto"`` or a list of ``"student_stage:teacher_stage"`` names (one name means the
+    same on both sides). Loss: ``ce + kd_weight * KD(T=kd_temperature) + beta * sum(attention losses)``.
+    ``layerwise``: one stage of ``stage_epochs`` epochs per pair (attention loss of that pair only,
+    student up to that block; earlier blocks ``freeze`` or train at ``earlier_lr_scale`` x lr), then the
+    remaining epochs train everything on CE + KD (+ attention if ``final_attention``). ``joint``: all
+    terms for all ``epochs``. ``stage_epochs=None``: ``max(1, epochs // (2 * pairs))``.
+    """
+
+    teacher: str = ""
+    student: str | None = None
+    T: int = 4
+    schedule: str = "layerwise"
+    pairs: str | list[str] = "auto"
+    beta: float = 1000.0
+    p: float = 2.0
+    time_reduce: str = "mean"
+    kd_temperature: float = 4.0
+    kd_weight: float = 1.0
+    encoding: str = "direct"
+    stage_epochs: int | None = None
+    earlier: str = "freeze"
+    earlier_lr_scale: float = 0.1
+    final_attention: bool = True
+    kind: str = field(default="student", init=False)
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise ValueError("teacher must name a teacher run folder or checkpoint file")
+        if isinstance(self.T, bool) or not isinstance(self.T, int) or self.T < 1:
+            raise ValueError(f"T must be an int >= 1, got {self.T!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if self.earlier not in EARLIER:
+            raise ValueError(f"earlier must be one of {EARLIER}, got {self.earlier!r}")
+        if self.time_reduce not in TIME_REDUCE:
+            raise ValueError(f"time_reduce must be one of {TIME_REDUCE}, got {self.time_reduce!r}")
+        if self.pairs != "auto" and (
+            not isinstance(self.pairs, list) or not self.pairs or not all(isinstance(s, str) and s for s in self.pairs)
+        ):
+            raise ValueError(f"pairs must be 'auto' or a non-empty list of 'student:teacher' names, got {self.pairs!r}")
+        _check_pos("beta", self.beta, allow_zero=True)
+        _check_pos("p", self.p)
+        _check_pos("kd_temperature", self.kd_temperature)
+        _check_pos("kd_weight", self.kd_weight, allow_zero=True)
+        _check_pos("earlier_lr_scale", self.earlier_lr_scale)
+        if self.stage_epochs is not None:
+            _check_int("stage_epochs", self.stage_epochs, 1)
+
+
+def config_from_dict(d: dict[str, Any]) -> TeacherConfig:
+    """Rebuild a config from ``to_dict`` output (config.json or a checkpoint); unknown keys raise."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a run config must be a JSON object, got {type(d).__name__}")
+    kind = d.get("kind")
+    cls = {"teacher": TeacherConfig, "student": DistillConfig}.get(kind)
+    if cls is None:
+        raise ValueError(f"run config has kind={kind!r}; expected 'teacher' or 'student'")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - names - {"kind"})
+    if unknown:
+        raise ValueError(f"run config has unknown fields {unknown} (written by another lasnn version?)")
+    cfg = cls(**{k: v for k, v in d.items() if k in names})
+    cfg.validate()
+    return cfg
