@@ -89,7 +89,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 
 def rng_state() -> dict[str, Any]:
     """Every RNG this process draws from, as tensors/primitives (weights_only-safe)."""
-    np_state = np.random.get_state()
+    # The legacy global numpy RNG is what third-party code draws from; capture it as well.
+    np_state = np.random.get_state()  # noqa: NPY002
     py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -108,7 +109,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     keys = state["numpy_keys"].numpy().astype(np.uint32)
     pos, has_gauss, cached = state["numpy_meta"]
-    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))  # noqa: NPY002
     random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python"].tolist()), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

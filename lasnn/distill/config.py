@@ -21,7 +21,8 @@ def _check_int(name: str, v: object, lo: int) -> None:
 
 
 def _check_pos(name: str, v: object, *, allow_zero: bool = False) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+    bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+    if bad or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {v!r}")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # we created the process group, so we destroy it
 
     @property
@@ -75,7 +75,10 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
-        dev = torch.device("cuda", local % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+        if torch.cuda.is_available():
+            dev = torch.device("cuda", local % torch.cuda.device_count())
+        else:
+            dev = torch.device("cpu")
     else:
         dev = torch.device(device)
         if dev.type == "cuda":

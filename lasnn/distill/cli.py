@@ -1,0 +1,116 @@
+"""``lasnn train-teacher`` and ``lasnn distill`` (registered by ``lasnn.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["register"]
+
+# Every option defaults to SUPPRESS: the namespace then holds only what the user typed, which is what
+# --resume compares against the run's config.json (and the config dataclass supplies the defaults).
+_S = argparse.SUPPRESS
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from lasnn.data import DATASETS
+
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=_S,
+                   help="data set (default mnist1d; cifar10/cifar100/tinyimagenet need --data-dir)")
+    p.add_argument("--data-dir", dest="data_dir", default=_S,
+                   help="folder holding the data set files (never downloaded)")
+    p.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, last.pt, best.pt, curves.png")
+    p.add_argument("--epochs", type=int, default=_S, help="epochs in total (default 30)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=_S, help="batch per process (default 128)")
+    p.add_argument("--lr", type=float, default=_S, help="initial SGD learning rate, cosine to 0 (default 0.1)")
+    p.add_argument("--momentum", type=float, default=_S, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=_S, help="weight decay (default 5e-4)")
+    p.add_argument("--width", type=float, default=_S, help="channel width multiplier of the model (default 1)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=_S,
+                   help="no training augmentation (random crop/flip per data set)")
+    p.add_argument("--seed", type=int, default=_S, help="seed of weights, data order and augmentation (default 0)")
+    p.add_argument("--save-every", dest="save_every", type=int, default=_S,
+                   help="also checkpoint every N steps inside an epoch (default 0: at epoch ends)")
+    p.add_argument("--device", default=_S, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--no-amp", dest="amp", action="store_false", default=_S, help="no bf16 autocast on GPU")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    skip = {"func", "command", "out", "resume", "quiet"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def _run(args: argparse.Namespace, fn) -> int:
+    from lasnn.data import DatasetError
+
+    try:
+        res = fn(out=args.out, resume=args.resume, quiet=args.quiet, **_overrides(args))
+    except (ValueError, TypeError, DatasetError) as e:
+        print(f"lasnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        what = f"student {res['model']} (T={res['T']}, {res['schedule']})" if res["kind"] == "student" else (
+            f"teacher {res['model']}")
+        acc = res["test_acc"]
+        print(f"{what} on {res['dataset']}: test accuracy {acc:.4f} (best {res['best_test_acc']:.4f})"
+              + (f", firing rate {res['firing_rate']:.3f}" if res.get("firing_rate") is not None else "")
+              + f", {res['seconds']:.1f} s -> {res['out']}")
+    return 0
+
+
+def _cmd_teacher(args: argparse.Namespace) -> int:
+    from lasnn.distill.trainer import train_teacher
+
+    return _run(args, train_teacher)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from lasnn.distill.trainer import distill
+
+    if isinstance(getattr(args, "pairs", None), str) and args.pairs != "auto":
+        args.pairs = [s.strip() for s in args.pairs.split(",") if s.strip()]
+    return _run(args, distill)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train-teacher`` and ``distill`` to the ``lasnn`` command line."""
+    p = subparsers.add_parser(
+        "train-teacher", help="train an ANN teacher from the model zoo",
+        description="Train an ANN teacher (zoo model; default per data set) with SGD + cosine schedule.",
+    )
+    _common(p)
+    p.add_argument("--model", default=_S, help="zoo model name (see `lasnn models`; default per data set)")
+    p.set_defaults(func=_cmd_teacher)
+
+    p = subparsers.add_parser(
+        "distill", help="distil a spiking student from a trained teacher (LaSNN)",
+        description="LaSNN: train a small SNN student from an ANN teacher with layer-wise attention-map "
+                    "distillation and logit KD. Loss: CE + kd-weight * KD + beta * sum of attention losses.",
+    )
+    _common(p)
+    p.add_argument("--teacher", default=_S, help="teacher run folder (uses best.pt) or checkpoint file")
+    p.add_argument("--student", default=_S, help="zoo model name of the student (default per data set)")
+    p.add_argument("--T", dest="T", type=int, default=_S, help="time steps of the student (default 4)")
+    p.add_argument("--schedule", choices=["layerwise", "joint"], default=_S,
+                   help="layerwise: one attention stage per pair, then all terms (default); joint: all terms")
+    p.add_argument("--pairs", default=_S,
+                   help="'auto' (match stages by order/resolution) or a list 'sstage:tstage,...'")
+    p.add_argument("--beta", type=float, default=_S, help="weight of each attention loss (default 1000)")
+    p.add_argument("--p", dest="p", type=float, default=_S, help="attention map exponent (default 2)")
+    p.add_argument("--time-reduce", dest="time_reduce", choices=["mean", "per_step"], default=_S,
+                   help="student map from the firing rate (mean, default) or per time step")
+    p.add_argument("--kd-temperature", dest="kd_temperature", type=float, default=_S, help="KD temperature (default 4)")
+    p.add_argument("--kd-weight", dest="kd_weight", type=float, default=_S, help="KD weight (default 1)")
+    p.add_argument("--encoding", choices=["direct", "poisson"], default=_S, help="input encoding (default direct)")
+    p.add_argument("--stage-epochs", dest="stage_epochs", type=int, default=_S,
+                   help="layerwise: epochs per attention stage (default max(1, epochs // (2 * pairs)))")
+    p.add_argument("--earlier", choices=["freeze", "lr"], default=_S,
+                   help="layerwise: earlier blocks frozen (default) or trained at --earlier-lr-scale x lr")
+    p.add_argument("--earlier-lr-scale", dest="earlier_lr_scale", type=float, default=_S,
+                   help="learning-rate factor of earlier blocks with --earlier lr (default 0.1)")
+    p.add_argument("--no-final-attention", dest="final_attention", action="store_false", default=_S,
+                   help="layerwise: final stage on CE + KD only (default: attention kept)")
+    p.set_defaults(func=_cmd_distill)
