@@ -5,3 +5,4 @@
 
 AVAILABLE: tuple[str, ...] = ()
 AVAILABLE += ("attention_map",)
+AVAILABLE += ("lif",)
