@@ -33,11 +33,11 @@ namespace {
 constexpr int64_t kTile = 256;
 
 void check_attention_inputs(const at::Tensor& feat, double p, const char* op) {
-  TORCH_CHECK(feat.dim() == 4, op, ": feat must be [T, B, C, S] (the caller flattens space), got shape ",
-              feat.sizes());
-  TORCH_CHECK(at::isFloatingType(feat.scalar_type()), op, ": feat must be a floating tensor, got ",
-              feat.scalar_type());
-  TORCH_CHECK(std::isfinite(p) && p > 0, op, ": p must be finite and > 0, got ", p);
+  TORCH_CHECK_VALUE(feat.dim() == 4, op, ": feat must be [T, B, C, S] (the caller flattens space), got shape ",
+                    feat.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(feat.scalar_type()), op, ": feat must be a floating tensor, got ",
+                   feat.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(p) && p > 0, op, ": p must be finite and > 0, got ", p);
 }
 
 at::ScalarType map_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -139,7 +139,7 @@ void dispatch_pow(double p, F&& fn) {
 
 at::Tensor attention_map_fwd_cpu(const at::Tensor& feat_, double p, bool time_mean) {
   check_attention_inputs(feat_, p, "lasnn::attention_map_fwd");
-  TORCH_CHECK(feat_.device().is_cpu(), "lasnn::attention_map_fwd (cpu): feat must be on CPU");
+  TORCH_CHECK_VALUE(feat_.device().is_cpu(), "lasnn::attention_map_fwd (cpu): feat must be on CPU");
   const at::Tensor feat = feat_.contiguous();
   const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
   at::Tensor out = at::empty(map_shape(feat, time_mean), feat.options().dtype(map_dtype(feat.scalar_type())));
@@ -161,12 +161,12 @@ at::Tensor attention_map_fwd_cpu(const at::Tensor& feat_, double p, bool time_me
 
 at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map_, const at::Tensor& feat_, double p, bool time_mean) {
   check_attention_inputs(feat_, p, "lasnn::attention_map_bwd");
-  TORCH_CHECK(feat_.device().is_cpu(), "lasnn::attention_map_bwd (cpu): feat must be on CPU");
+  TORCH_CHECK_VALUE(feat_.device().is_cpu(), "lasnn::attention_map_bwd (cpu): feat must be on CPU");
   const auto want = map_shape(feat_, time_mean);
-  TORCH_CHECK(grad_map_.sizes() == at::IntArrayRef(want), "lasnn::attention_map_bwd: grad_map must have shape ",
-              at::IntArrayRef(want), ", got ", grad_map_.sizes());
-  TORCH_CHECK(grad_map_.device() == feat_.device(), "lasnn::attention_map_bwd: grad_map is on ", grad_map_.device(),
-              " but feat is on ", feat_.device());
+  TORCH_CHECK_VALUE(grad_map_.sizes() == at::IntArrayRef(want), "lasnn::attention_map_bwd: grad_map must have shape ",
+                    at::IntArrayRef(want), ", got ", grad_map_.sizes());
+  TORCH_CHECK_VALUE(grad_map_.device() == feat_.device(), "lasnn::attention_map_bwd: grad_map is on ",
+                    grad_map_.device(), " but feat is on ", feat_.device());
   const at::Tensor feat = feat_.contiguous();
   const at::Tensor g = grad_map_.to(map_dtype(feat.scalar_type())).contiguous();
   const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
