@@ -1,0 +1,472 @@
+"""spikify, encoders and feature taps: shapes, spikes, gradients, equality with hand-written SNNs.
+
+The hand-written SNNs run one time step at a time with explicit membranes, through the LIF oracle
+(lasnn/reference/lif.py) and the ANN's own conv/BN/linear modules: they share nothing with spikify's
+time folding, so agreement checks folding, neuron placement, weight copying and state handling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lasnn
+from lasnn.models import create, model_info
+from lasnn.nn import IF, LIF, SNN, DirectEncoder, FoldedNeuron, PoissonEncoder, default_neuron, spikify
+from lasnn.reference.lif import lif_reference
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _lif_step(x: torch.Tensor, v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the LaSNN neuron (tau 2, decay_input False, hard reset 0, triangle α=1) via the oracle."""
+    s, v = lif_reference(
+        x.unsqueeze(0), v, tau=2.0, v_threshold=1.0, v_reset=0.0, decay_input=False, surrogate="triangle", alpha=1.0
+    )
+    return s[0], v
+
+
+def _calibrated(name: str, width: float, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """A zoo ANN whose BN statistics come from one batch and whose BN shift is 0.5, so that every layer of
+    the SNN fires at a moderate rate (with fresh BN stats deep layers of an untrained SNN fall silent and an
+    equality test would compare zeros)."""
+    torch.manual_seed(seed)
+    m = create(name, width=width).to(dtype)
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.momentum = None
+            nn.init.constant_(mod.bias, 0.5)
+    with torch.no_grad():
+        m.train()(torch.randn(8, *model_info(name).input_shape, dtype=dtype))
+    return m.eval()
+
+
+def _handwritten_stagecnn(ann, x: torch.Tensor, T: int):
+    """Per-step SNN over a StageCNN's own modules: returns (logits [T, B, K], {stage: [T, B, C, ...]})."""
+    state: dict = {}
+    outs, stages = [], {k: [] for k in ann.feature_layers}
+    for _ in range(T):
+        h = x
+        for i in range(ann.num_stages):
+            for j, m in enumerate(getattr(ann, f"stage{i + 1}")):
+                if isinstance(m, nn.ReLU):
+                    h, state[(i, j)] = _lif_step(h, state.get((i, j)))
+                else:
+                    h = m(h)
+            stages[f"stage{i + 1}"].append(h)
+            if i + 1 < ann.num_stages:
+                h = getattr(ann, f"pool{i + 1}")(h)
+        outs.append(ann.fc(ann.flatten(ann.head_pool(h))))
+    return torch.stack(outs), {k: torch.stack(v) for k, v in stages.items()}
+
+
+def _handwritten_resnet(ann, x: torch.Tensor, T: int):
+    """Per-step SNN over a CifarResNet's own modules (residual additions, optional hidden FC)."""
+    state: dict = {}
+
+    def neuron(key, h):
+        s, state[key] = _lif_step(h, state.get(key))
+        return s
+
+    outs, stages = [], {k: [] for k in ann.feature_layers}
+    for _ in range(T):
+        h = neuron("stem", ann.bn1(ann.conv1(x)))
+        for i in range(ann.num_stages):
+            for j, blk in enumerate(getattr(ann, f"layer{i + 1}")):
+                o = neuron((i, j, 1), blk.bn1(blk.conv1(h)))
+                h = neuron((i, j, 2), blk.bn2(blk.conv2(o)) + blk.shortcut(h))
+            stages[f"layer{i + 1}"].append(h)
+        h = ann.flatten(ann.avgpool(h))
+        if isinstance(ann.fc_hidden, nn.Linear):
+            h = neuron("fc", ann.fc_hidden(h))
+        outs.append(ann.fc(h))
+    return torch.stack(outs), {k: torch.stack(v) for k, v in stages.items()}
+
+
+def _neuron_outputs(snn: SNN, x: torch.Tensor) -> list[torch.Tensor]:
+    outs: list[torch.Tensor] = []
+    hs = [n.register_forward_hook(lambda m, a, o: outs.append(o.detach())) for n in snn.neurons()]
+    try:
+        snn(x)
+    finally:
+        for h in hs:
+            h.remove()
+    return outs
+
+
+def _assert_binary(t: torch.Tensor) -> None:
+    assert bool(((t == 0) | (t == 1)).all()), "non-binary spikes"
+
+
+# ------------------------------------------------------------------------ equality with hand-written SNNs
+
+
+@pytest.mark.parametrize(
+    ("name", "width", "handwritten"),
+    [
+        ("digits_cnn_small", 1.0, _handwritten_stagecnn),
+        ("mnist1d_cnn_small", 0.5, _handwritten_stagecnn),
+        ("resnet20", 0.5, _handwritten_resnet),
+        ("resnet19", 0.0625, _handwritten_resnet),
+    ],
+    ids=["digits-2d", "mnist1d-1d", "resnet20-residual", "resnet19-hiddenfc"],
+)
+def test_matches_handwritten_snn(name, width, handwritten):
+    ann = _calibrated(name, width)
+    T, B = 3, 3
+    x = 2 * torch.randn(B, *model_info(name).input_shape, dtype=torch.float64)
+    snn = spikify(ann, T=T)
+    with torch.no_grad():
+        want_steps, want_stages = handwritten(ann, x, T)
+        steps, stages = lasnn.features(snn, x, return_output=True, return_steps=True)
+        mean = snn(x)
+    assert steps.shape == (T, B, 10)
+    torch.testing.assert_close(steps, want_steps, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, want_steps.mean(0), rtol=1e-12, atol=1e-12)
+    assert list(stages) == list(ann.feature_layers)
+    for k, v in stages.items():
+        assert torch.equal(v, want_stages[k]), k
+        rate = v.mean().item()
+        assert 0.02 < rate < 0.98, f"{k}: firing rate {rate} makes the comparison weak"
+
+
+def test_T1_is_a_threshold_network():
+    # At T=1 the membrane starts at 0, so H = X and S = [X >= 1]: the SNN is the ANN with ReLU -> step.
+    class Step(nn.Module):
+        def forward(self, x):
+            return (x >= 1).to(x.dtype)
+
+    ann = _calibrated("digits_cnn", 1.0)
+    x = 2 * torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    snn = spikify(ann, T=1)
+    stepped = spikify(ann, T=1, neuron=Step)  # any multi-step module works as a neuron
+    ref = _handwritten_stagecnn(ann, x, 1)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(snn(x), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stepped(x), ref, rtol=1e-12, atol=1e-12)
+        assert snn(x, return_steps=True).shape == (1, 4, 10)
+
+
+# --------------------------------------------------------------------------------- torchvision models
+
+
+@pytest.fixture(scope="module")
+def tv_models():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return {
+        "resnet18": torchvision.models.resnet18(num_classes=10),
+        "vgg11_bn": torchvision.models.vgg11_bn(num_classes=10),
+    }
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn"])
+def test_torchvision_shapes_spikes_gradients(tv_models, arch):
+    ann = tv_models[arch]
+    before = {k: v.clone() for k, v in ann.state_dict().items()}
+    n_relu = sum(isinstance(m, nn.ReLU) for m in ann.modules())
+    # copy=False keeps the 100M-parameter VGG classifier shared instead of copied (fast); ANN untouched below
+    snn = spikify(ann, T=2, copy=False)
+    assert sum(isinstance(m, nn.ReLU) for m in snn.body.modules()) == 0
+    assert len(snn.neurons()) == n_relu
+    # resnet18 downsamples 32x: 16x16 is its smallest input that keeps every stage; VGG needs 32x32
+    x = torch.randn(2, 3, 16, 16) if arch == "resnet18" else torch.randn(2, 3, 32, 32)
+    snn.train()
+    y = snn(x)
+    assert y.shape == (2, 10)
+    assert snn(x, return_steps=True).shape == (2, 2, 10)
+    y.square().sum().backward()
+    first = snn.body.conv1 if arch == "resnet18" else snn.body.features[0]
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+    outs = _neuron_outputs(snn, x)
+    # torchvision's BasicBlock calls one ReLU twice: every call is a separate multi-step run
+    assert len(outs) >= len(snn.neurons())
+    for o in outs:
+        _assert_binary(o)
+    assert any(o.sum() > 0 for o in outs)
+    # the ANN still has its ReLUs; only BN running stats moved (shared buffers, copy=False)
+    assert sum(isinstance(m, nn.ReLU) for m in ann.modules()) == n_relu
+    for k, v in ann.state_dict().items():
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, before[k]), k
+    ann.load_state_dict(before)
+    ann.zero_grad(set_to_none=True)
+
+
+def test_torchvision_features(tv_models):
+    x = torch.randn(2, 3, 32, 32)
+    r = tv_models["resnet18"].eval()
+    x16 = x[:, :, :16, :16]
+    with torch.no_grad():
+        fa = lasnn.features(r, x16)
+        fs = lasnn.features(spikify(r, T=2, copy=False).eval(), x16)
+    assert {k: tuple(v.shape) for k, v in fa.items()} == {
+        "layer1": (2, 64, 4, 4), "layer2": (2, 128, 2, 2), "layer3": (2, 256, 1, 1), "layer4": (2, 512, 1, 1)
+    }
+    assert {k: tuple(v.shape) for k, v in fs.items()} == {k: (2, *v.shape) for k, v in fa.items()}
+    with torch.no_grad():
+        fv = lasnn.features(tv_models["vgg11_bn"].eval(), x)
+    assert [tuple(v.shape[1:]) for v in fv.values()] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4),
+                                                         (512, 2, 2)]
+
+
+# ------------------------------------------------------------------------------------- zoo and modes
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet20", "mnist1d_cnn"])
+def test_zoo_shapes_spikes_and_gradients(name):
+    torch.manual_seed(0)
+    ann = create(name, width=0.125 if name == "vgg11" else 0.5)
+    snn = spikify(ann, T=2).train()
+    x = 2 * torch.randn(2, *model_info(name).input_shape)
+    y = snn(x)
+    assert y.shape == (2, 10)
+    y.square().sum().backward()
+    first = next(m for m in snn.body.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)))
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+    for o in _neuron_outputs(snn, x):
+        _assert_binary(o)
+    # the ANN's own parameters got no gradient: weights were copied
+    assert all(p.grad is None for p in ann.parameters())
+
+
+def test_train_eval_and_no_state_between_calls():
+    ann = _calibrated("digits_cnn_small", 1.0, torch.float32)
+    snn = spikify(ann, T=4)
+    x = 2 * torch.randn(5, 1, 8, 8)
+    snn.eval()
+    with torch.no_grad():
+        a, b = snn(x), snn(x)
+        first = snn(x[:2])
+    assert torch.equal(a, b)  # nothing carried from call to call
+    torch.testing.assert_close(first, a[:2])  # nor across batch sizes
+    bn = snn.body.stage1[1]
+    bn.momentum = 0.1  # _calibrated left it at None (cumulative average)
+    ann_mean = ann.stage1[1].running_mean.clone()
+    before = bn.running_mean.clone()
+    snn.train()
+    with torch.no_grad():
+        t = snn(x)
+    assert not torch.equal(t, a)  # train mode normalises with batch statistics
+    # BN statistics are shared over time: one update from all T*B folded samples
+    folded_in = ann.stage1[0](x.repeat(4, 1, 1, 1))
+    want = 0.9 * before + 0.1 * folded_in.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ann.stage1[1].running_mean, ann_mean)  # the ANN is untouched (copy=True)
+
+
+def test_copy_and_share():
+    ann = create("digits_cnn_small")
+    copied = spikify(ann, T=2)
+    shared = spikify(ann, T=2, copy=False)
+    assert copied.body.stage1[0].weight is not ann.stage1[0].weight
+    assert torch.equal(copied.body.stage1[0].weight, ann.stage1[0].weight)
+    assert shared.body.stage1[0].weight is ann.stage1[0].weight
+    assert shared.body.stage1[1].running_var is ann.stage1[1].running_var
+    assert isinstance(ann.stage1[2], nn.ReLU) and isinstance(shared.body.stage1[2], FoldedNeuron)
+
+
+def test_neuron_choices():
+    ann = create("digits_cnn_small")
+    snn = spikify(ann, T=2)
+    n = snn.neurons()[0].neuron
+    d = default_neuron()
+    assert isinstance(n, LIF) and (n.tau, n.decay_input, n.v_reset, n.surrogate, n.alpha) == (
+        2.0, False, 0.0, "triangle", 1.0
+    ) == (d.tau, d.decay_input, d.v_reset, d.surrogate, d.alpha)
+    proto = IF(v_threshold=0.5)
+    s2 = spikify(ann, T=2, neuron=proto)
+    ns = [f.neuron for f in s2.neurons()]
+    assert all(isinstance(m, IF) and m.v_threshold == 0.5 for m in ns)
+    assert len({id(m) for m in ns}) == len(ns) and all(m is not proto for m in ns)  # one copy per site
+    s3 = spikify(ann, T=2, neuron=lambda: LIF(tau=4.0))
+    assert all(f.neuron.tau == 4.0 for f in s3.neurons())
+
+
+def test_encoded_input_and_streaming():
+    ann = _calibrated("digits_cnn_small", 1.0)
+    snn = spikify(ann, T=3)
+    x = 2 * torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    x_seq = torch.randn(6, 2, 1, 8, 8, dtype=torch.float64) + x  # a time-varying encoded input
+    with torch.no_grad():
+        full = snn(x_seq, return_steps=True)  # encoded input: T taken from it (6, not snn.T)
+        assert full.shape == (6, 2, 10)
+        with snn.streaming():
+            parts = [snn(c, return_steps=True) for c in x_seq.split([2, 1, 3])]
+            snn.reset_state()
+            again = snn(x_seq[:2], return_steps=True)
+        after = snn(x_seq[:2], return_steps=True)
+    torch.testing.assert_close(torch.cat(parts), full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(again, full[:2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(after, full[:2], rtol=1e-12, atol=1e-12)  # state dropped after the block
+    # streaming on un-encoded input continues the same stimulus for another T steps
+    with torch.no_grad():
+        long = spikify(ann, T=6)(x, return_steps=True)
+        with snn.streaming():
+            two = torch.cat([snn(x, return_steps=True), snn(x, return_steps=True)])
+    torch.testing.assert_close(two, long, rtol=1e-12, atol=1e-12)
+
+
+def test_streaming_rejects_changed_batch_and_stateless_neuron():
+    snn = spikify(create("digits_cnn_small"), T=2)
+    with snn.streaming(), torch.no_grad():
+        snn(torch.randn(2, 1, 8, 8))
+        with pytest.raises(ValueError, match="batch size"):
+            snn(torch.randn(3, 1, 8, 8))
+
+    class Plain(nn.Module):
+        def forward(self, x):
+            return (x > 0).float()
+
+    s2 = spikify(create("digits_cnn_small"), T=2, neuron=Plain)
+    with s2.streaming(), pytest.raises(TypeError, match="forward_stateful"):
+        s2(torch.randn(2, 1, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------- encoders
+
+
+def test_direct_encoder():
+    x = torch.randn(3, 4)
+    y = DirectEncoder(5)(x)
+    assert y.shape == (5, 3, 4) and all(torch.equal(y[t], x) for t in range(5))
+
+
+def test_poisson_encoder_seeding_and_rates():
+    x = torch.rand(4, 1, 8, 8) * 3 - 1
+    a, b = PoissonEncoder(8, seed=3), PoissonEncoder(8, seed=3)
+    sa, sb = a(x), b(x)
+    assert sa.shape == (8, 4, 1, 8, 8)
+    _assert_binary(sa)
+    assert torch.equal(sa, sb)  # same seed, same spikes
+    assert not torch.equal(sa, PoissonEncoder(8, seed=4)(x))
+    nxt = a(x)
+    assert not torch.equal(nxt, sa)  # the stream continues: a new batch gets new spikes
+    a.reseed()
+    assert torch.equal(a(x), sa)  # ... and restarts on reseed
+    # global RNG when unseeded
+    torch.manual_seed(1)
+    u1 = PoissonEncoder(8)(x)
+    torch.manual_seed(1)
+    assert torch.equal(PoissonEncoder(8)(x), u1)
+    # rate = the per-sample min-max scaled intensity (deterministic: seeded; bound is ~6 sigma)
+    p = PoissonEncoder(4000, seed=0)
+    prob = p.probabilities(x)
+    assert prob.amin(dim=(1, 2, 3)).eq(0).all() and prob.amax(dim=(1, 2, 3)).eq(1).all()
+    rate = p(x).mean(0)
+    assert (rate - prob).abs().max() < 6 * math.sqrt(0.25 / 4000)
+    clamp = PoissonEncoder(2, scale="clamp").probabilities(x)
+    assert torch.equal(clamp, x.clamp(0, 1))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        PoissonEncoder(2, scale="none")(x)
+
+
+def test_poisson_spikify_is_seeded():
+    ann = create("digits_cnn_small")
+    x = torch.randn(2, 1, 8, 8)
+    s1 = spikify(ann, T=4, encoding="poisson", seed=7).eval()
+    s2 = spikify(ann, T=4, encoding="poisson", seed=7).eval()
+    with torch.no_grad():
+        assert torch.equal(s1(x), s2(x))
+        enc = s1.encode(x)
+    _assert_binary(enc)
+    assert isinstance(s1.encoder, PoissonEncoder) and s1.encoder.T == 4
+    s1.T = 6
+    assert s1.encoder.T == 6 and s1.encode(x).shape[0] == 6
+
+
+# ---------------------------------------------------------------------------------------- torch.compile
+
+
+def test_torch_compile_matches_eager():
+    # aot_eager: dynamo + AOTAutograd through the ops' fake kernels and autograd.Function, without the
+    # ~30 s of inductor C++ compilation a CPU box needs.
+    torch.manual_seed(0)
+    ann = _calibrated("digits_cnn_small", 1.0, torch.float32)
+    snn = spikify(ann, T=2)
+    x = 2 * torch.randn(4, 1, 8, 8)
+    compiled = torch.compile(snn, backend="aot_eager")
+    y_c = compiled(x)
+    y_c.square().sum().backward()
+    g_c = snn.body.stage1[0].weight.grad.clone()
+    snn.zero_grad()
+    y_e = snn(x)
+    y_e.square().sum().backward()
+    torch.testing.assert_close(y_c, y_e)
+    torch.testing.assert_close(g_c, snn.body.stage1[0].weight.grad)
+    assert g_c.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_arguments():
+    ann = create("digits_cnn_small")
+    for T in (0, -1):
+        with pytest.raises(ValueError, match="T must be >= 1"):
+            spikify(ann, T=T)
+    for T in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="T must be an int"):
+            spikify(ann, T=T)
+    with pytest.raises(ValueError, match="encoding must be"):
+        spikify(ann, T=2, encoding="rate")
+    with pytest.raises(TypeError, match=r"ann must be an nn\.Module"):
+        spikify(lambda x: x, T=2)
+    with pytest.raises(TypeError, match="neuron"):
+        spikify(ann, T=2, neuron=3)
+    with pytest.raises(TypeError, match="activations"):
+        spikify(ann, T=2, activations=nn.ReLU)
+    snn = spikify(ann, T=2)
+    with pytest.raises(ValueError, match="T must be >= 1"):
+        snn.T = 0
+    with pytest.raises(ValueError, match=r"4 dims \(\[B, \.\.\.\]\).*5 dims"):
+        snn(torch.randn(8, 8))
+    with pytest.raises(ValueError, match="got shape"):
+        snn(torch.randn(1, 2, 1, 1, 8, 8))
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
+        snn([1.0])
+
+
+def test_no_activation_to_replace():
+    with pytest.raises(ValueError, match="no activation module to replace"):
+        spikify(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(3)), T=2)
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return F.relu(self.conv(x))
+
+    with pytest.raises(ValueError, match=r"F\.relu"):
+        spikify(Functional(), T=2)
+
+
+def test_input_rank_inference():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    snn = spikify(mlp, T=3)
+    assert snn.input_dims == 2 and snn(torch.randn(5, 4)).shape == (5, 3)
+    flat_first = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="input_dims"):
+        spikify(flat_first, T=2)
+    assert spikify(flat_first, T=2, input_dims=3)(torch.randn(5, 4, 4)).shape == (5, 3)
+
+
+def test_features_errors_and_tap():
+    ann = create("resnet20", width=0.25)
+    with pytest.raises(ValueError, match="unknown stage"):
+        lasnn.features(ann, torch.randn(1, 3, 32, 32), ["layer9"])
+    with pytest.raises(ValueError, match="cannot tell the stages"):
+        lasnn.features(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 2))
+    snn = spikify(ann, T=2)
+    x = torch.randn(2, 3, 32, 32)
+    with lasnn.FeatureTap(snn, ["layer2"]) as tap:
+        y = snn(x)
+    assert y.shape == (2, 10) and list(tap.features) == ["layer2"]
+    assert tap.features["layer2"].shape == (2, 2, 8, 16, 16)
+    assert not snn.body.layer2._forward_hooks  # hooks removed on exit
