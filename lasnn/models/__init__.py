@@ -74,7 +74,7 @@ DATASETS: dict[str, tuple[str, str, int, tuple[int, ...]]] = {
     "digits": ("digits_cnn", "digits_cnn_small", 10, (1, 8, 8)),
     "cifar10": ("resnet19", "resnet20", 10, (3, 32, 32)),
     "cifar100": ("resnet19", "resnet20", 100, (3, 32, 32)),
-    "tinyimagenet": ("vgg16", "vgg11", 200, (3, 64, 64)),
+    "tinyimagenet": ("resnet19", "resnet20", 200, (3, 64, 64)),
 }
 
 
