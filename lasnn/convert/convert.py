@@ -307,8 +307,11 @@ class ConvertedSNN(SNN):
         self.body.eval()
 
     def if_neurons(self) -> list[tuple[str, IFNeuron]]:
-        """``(path in body, neuron)`` for every IF neuron, in module order."""
-        return [(n, m) for n, m in self.body.named_modules() if isinstance(m, IFNeuron)]
+        """``(path of the replaced activation in body, neuron)`` for every IF neuron, in module order."""
+        return [
+            (n, m.neuron) for n, m in self.body.named_modules()
+            if isinstance(m, FoldedNeuron) and isinstance(m.neuron, IFNeuron)
+        ]
 
     def train(self, mode: bool = True) -> ConvertedSNN:
         super().train(mode)
@@ -333,7 +336,7 @@ class ConvertedSNN(SNN):
         return float(sum(m.spikes for _, m in ns)) / steps if steps else float("nan")
 
     def thresholds(self) -> dict[str, list[float]]:
-        """``{neuron path: [θ per call site]}``."""
+        """``{activation path (as in the ANN): [θ per call site]}``."""
         return {n: list(m.thresholds) for n, m in self.if_neurons()}
 
     def extra_repr(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lasnn.ops._common import check_float, check_tensor
+from lasnn.ops._common import check_float
 
 __all__ = ["QCFS"]
 
@@ -30,10 +30,11 @@ class _FloorSTE(torch.autograd.Function):
 class QCFS(nn.Module):
     """Quantisation-clip-floor-shift activation, a drop-in replacement for ``nn.ReLU`` in the ANN.
 
-    Computes ``λ · clamp(floor_ste(x·L/λ + φ) / L, 0, 1)``: ``L + 1`` output levels ``0, λ/L, ..., λ``.
-    Gradients: straight-through for the floor, so ``d/dx = 1`` inside the clip range and 0 outside;
-    ``λ`` gets gradient from both the clipped region (``h = λ``) and the scale of the quantised region,
-    as in the authors' formulation. Works on any shape (elementwise), single-step ANN tensors ``[B, *]``.
+    Computes ``λ · y`` with ``y = floor_ste(x·L/λ + φ) / L`` clipped to ``[0, 1]``: ``L + 1`` output levels
+    ``0, λ/L, ..., λ``. Gradients (straight-through for the floor), defined explicitly rather than by
+    ``torch.clamp``'s boundary convention: where ``0 < y < 1``, ``dh/dx = 1`` and ``dh/dλ = y − x/λ`` (the
+    quantisation residual); where the output is ``λ`` (clipped from above), ``dh/dx = 0`` and ``dh/dλ = 1``;
+    where it is 0, both are 0. Works on any shape (elementwise), single-step ANN tensors ``[B, *]``.
 
     Args:
         levels: quantisation steps ``L`` (an int >= 1; 4 for CIFAR-10, 8 for CIFAR-100 in the paper).
@@ -51,10 +52,11 @@ class QCFS(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[*]`` -> ``[*]`` quantised, clipped activations in ``[0, λ]``."""
-        check_tensor("x", x)
+        # no type check here: it would stop torch.fx (used by BN folding) from tracing models that use QCFS
         lam = self.clip.to(x.dtype)
-        q = _FloorSTE.apply(x * (self.levels / lam) + self.shift)
-        return torch.clamp(q / self.levels, 0.0, 1.0) * lam
+        y = _FloorSTE.apply(x * (self.levels / lam) + self.shift) / self.levels
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        return torch.where(y <= 0, zero, torch.where(y >= 1, lam, y * lam))
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, clip={float(self.clip.detach()):.4g}, shift={self.shift:g}"
