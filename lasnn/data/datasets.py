@@ -189,7 +189,7 @@ def _load_synthetic(data_dir: Path | None, seed: int) -> Dataset:
     def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.arange(n) % num_classes
         y = y[torch.randperm(n, generator=g)]
-        x = (templates[y] + 0.35 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1)
+        x = (templates[y] + 0.25 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1)
         return x, y
 
     x_train, y_train = make(n_train)

@@ -455,7 +455,7 @@ class _Trainer:
             for h in hooks:
                 h.remove()
         loss_sum, correct, n, s0, s1 = self.env.all_reduce_sum([loss_sum, correct, n, *spikes])
-        out = {"test_loss": loss_sum / max(n, 1), "test_acc": correct / max(n, 1)}
+        out = {"test_loss": loss_sum / max(n, 1), "test_acc": correct / max(n, 1), "test_samples": int(n)}
         if self.is_student:
             out["firing_rate"] = s0 / max(s1, 1)
         return out
@@ -539,7 +539,8 @@ class _Trainer:
         totals = dict(zip(keys, self.env.all_reduce_sum([self.accum[k] for k in keys]), strict=True))
         n = max(totals.pop("n"), 1)
         rec: dict[str, Any] = {"epoch": epoch + 1, "stage": stage.name, "lr": lr,
-                               "train_loss": totals.pop("loss") / n, "train_acc": totals.pop("correct") / n}
+                               "train_loss": totals.pop("loss") / n, "train_acc": totals.pop("correct") / n,
+                               "train_samples": int(n)}
         for k in sorted(totals):
             rec[f"train_{k}"] = totals[k] / n
         rec.update(self._evaluate())

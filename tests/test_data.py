@@ -1,0 +1,216 @@
+"""lasnn.data: built-in and file-based data sets, the seeded tensor loader, batch augmentation."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lasnn.data import DatasetError, TensorLoader, load_dataset, random_crop, random_hflip, shard_indices
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def test_digits_split_is_fixed_stratified_and_complete(digits):
+    assert digits.input_shape == (1, 8, 8) and digits.num_classes == 10 and digits.kind == "image"
+    assert digits.x_train.shape[0] + digits.x_test.shape[0] == 1797
+    assert digits.x_test.shape[0] == 360
+    again = load_dataset("digits")
+    assert torch.equal(again.x_train, digits.x_train) and torch.equal(again.y_test, digits.y_test)
+    # stratified: every class in the test split, in proportion
+    counts = torch.bincount(digits.y_test, minlength=10)
+    assert counts.min() >= 34 and counts.max() <= 38
+    other = load_dataset("digits", split_seed=1)
+    assert not torch.equal(other.y_test, digits.y_test)
+
+
+def test_normalisation_standardises_train_split(digits):
+    x = digits.normalize(digits.x_train)
+    assert x.dtype == torch.float32
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+
+
+def test_mnist1d_is_the_standard_offline_split():
+    ds = load_dataset("mnist1d")
+    assert ds.x_train.shape == (4000, 1, 40) and ds.x_test.shape == (1000, 1, 40)
+    assert ds.kind == "signal" and ds.num_classes == 10
+    assert set(ds.y_train.unique().tolist()) == set(range(10))
+    assert ds.crop_padding == 0 and not ds.hflip  # signals: no flips, no crops
+
+
+def test_synthetic_is_small_and_deterministic():
+    a, b = load_dataset("synthetic"), load_dataset("synthetic")
+    assert torch.equal(a.x_train, b.x_train) and a.num_classes == 4
+    assert a.x_train.shape[0] == 256 and a.x_test.shape[0] == 128
+
+
+def test_unknown_and_missing_datasets_raise_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match=r"unknown dataset 'nope'.*mnist1d"):
+        load_dataset("nope")
+    with pytest.raises(DatasetError, match=r"never downloaded.*data_batch_1"):
+        load_dataset("cifar10")
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset("cifar100", tmp_path / "absent")
+    with pytest.raises(DatasetError, match="lacks train, test, meta"):
+        load_dataset("cifar100", tmp_path)
+    with pytest.raises(DatasetError, match=r"wnids\.txt"):
+        load_dataset("tinyimagenet", tmp_path)
+
+
+def _write_cifar(root, n_per_file=6, classes=10, label_key="labels", files=None):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for name in files:
+        entry = {"data": rng.integers(0, 256, (n_per_file, 3072), dtype=np.uint8),
+                 label_key: rng.integers(0, classes, n_per_file).tolist()}
+        with open(root / name, "wb") as f:
+            pickle.dump(entry, f)
+
+
+def test_cifar10_pickles_load_from_parent_or_folder(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    _write_cifar(root, files=[f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    for where in (tmp_path, root):
+        ds = load_dataset("cifar10", where)
+        assert ds.x_train.shape == (30, 3, 32, 32) and ds.x_train.dtype == torch.uint8
+        assert ds.x_test.shape == (6, 3, 32, 32) and ds.classes[3] == "c3"
+    # channel-major rows: pixel (c, h, w) of sample 0 is data[0, c*1024 + h*32 + w]
+    with open(root / "data_batch_1", "rb") as f:
+        raw = pickle.load(f)["data"]
+    assert int(ds.x_train[0, 2, 5, 7]) == int(raw[0, 2 * 1024 + 5 * 32 + 7])
+    assert ds.hflip and ds.crop_padding == 4
+    batch = next(iter(ds.loader("train", 4, seed=0)))[0]
+    assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.float32
+
+
+def test_cifar_malformed_files_raise(tmp_path):
+    root = tmp_path / "cifar-100-python"
+    _write_cifar(root, classes=100, label_key="fine_labels", files=["train", "test"])
+    (root / "meta").write_bytes(b"not a pickle")
+    with pytest.raises(DatasetError, match=r"cannot read .*meta.* as a python pickle"):
+        load_dataset("cifar100", tmp_path)
+    with open(root / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [str(i) for i in range(100)]}, f)
+    assert load_dataset("cifar100", tmp_path).num_classes == 100
+    with open(root / "test", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 100), np.uint8), "fine_labels": [0, 1]}, f)
+    with pytest.raises(DatasetError, match=r"uint8 \[N, 3072\]"):
+        load_dataset("cifar100", tmp_path)
+
+
+def test_tinyimagenet_folder(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = ["n01", "n02"]
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    lines = []
+    for k, w in enumerate(wnids):
+        d = root / "train" / w / "images"
+        d.mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (64, 64), (40 * k, 10 * i, 0)).save(d / f"{w}_{i}.JPEG")
+        Image.new("RGB", (64, 64), (40 * k, 0, 0)).save(root / "val" / "images" / f"val_{k}.JPEG")
+        lines.append(f"val_{k}.JPEG\t{w}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    ds = load_dataset("tinyimagenet", tmp_path)
+    assert ds.x_train.shape == (4, 3, 64, 64) and ds.num_classes == 2
+    assert ds.y_train.tolist() == [0, 0, 1, 1] and ds.y_test.tolist() == [0, 1]
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99\t0\t0\t1\t1\n")
+    with pytest.raises(DatasetError, match="line 1"):
+        load_dataset("tinyimagenet", tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- loader
+
+
+def _collect(loader, start=0):
+    return [(x.clone(), y.clone()) for x, y in loader.iter_from(start)]
+
+
+def test_train_loader_is_seeded_per_epoch_and_replayable(digits):
+    loader = digits.loader("train", 100, seed=3)
+    assert len(loader) == digits.x_train.shape[0] // 100  # drop_last for training
+    loader.set_epoch(1)
+    a = _collect(loader)
+    b = _collect(loader)
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True))
+    # a mid-epoch restart replays exactly the remaining batches (augmentation included)
+    tail = _collect(loader, start=5)
+    assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a[5:], tail, strict=True))
+    loader.set_epoch(2)
+    c = _collect(loader)
+    assert not torch.equal(a[0][1], c[0][1])
+    other_seed = digits.loader("train", 100, seed=4)
+    other_seed.set_epoch(1)
+    assert not torch.equal(_collect(other_seed)[0][1], a[0][1])
+
+
+def test_test_loader_covers_every_sample_once_in_order(digits):
+    loader = digits.loader("test", 64)
+    ys = torch.cat([y for _, y in loader])
+    assert torch.equal(ys, digits.y_test)
+    xs = torch.cat([x for x, _ in loader])
+    assert torch.equal(xs, digits.normalize(digits.x_test))  # no augmentation at test time
+
+
+def test_shards_partition_the_data_like_distributed_sampler():
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    parts = [shard_indices(order, r, 3, pad=False) for r in range(3)]
+    assert sorted(torch.cat(parts).tolist()) == list(range(11))
+    padded = [shard_indices(order, r, 3, pad=True) for r in range(3)]
+    assert {p.numel() for p in padded} == {4}
+    assert set(torch.cat(padded).tolist()) == set(range(11))
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    seen = torch.cat([torch.cat([b for _, b in TensorLoader(x, y, 2, rank=r, world_size=2)]) for r in range(2)])
+    assert sorted(seen.tolist()) == list(range(10))
+
+
+def test_loader_rejects_bad_arguments():
+    x, y = torch.zeros(4, 1), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="batch_size"):
+        TensorLoader(x, y, 0)
+    with pytest.raises(ValueError, match="same number of samples"):
+        TensorLoader(x, y[:3], 2)
+    with pytest.raises(ValueError, match="rank"):
+        TensorLoader(x, y, 2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("synthetic").loader("val", 2)
+
+
+@pytest.mark.parametrize("shape", [(6, 2, 5, 7), (6, 3, 9)], ids=["2d", "1d"])
+def test_random_crop_takes_a_window_of_the_zero_padded_input(shape):
+    x = torch.rand(shape) + 1  # no zeros inside, so padding shows as zeros
+    g = torch.Generator().manual_seed(0)
+    out = random_crop(x, 2, g)
+    assert out.shape == x.shape
+    spatial = x.shape[2:]
+    xp = torch.nn.functional.pad(x, [2] * (2 * len(spatial)))
+    shifts = set()
+    for i in range(x.shape[0]):
+        # find the window of the padded sample that equals the output (exactly one must match)
+        offs = [
+            o for o in np.ndindex(*([5] * len(spatial)))
+            if torch.equal(out[i], xp[i][(slice(None), *(slice(a, a + n) for a, n in zip(o, spatial, strict=True)))])
+        ]
+        assert len(offs) == 1
+        shifts.add(offs[0])
+    assert len(shifts) > 1  # offsets differ between samples
+    assert torch.equal(random_crop(x, 0, g), x)
+
+
+def test_random_hflip_flips_some_samples_only():
+    x = torch.rand(64, 1, 4, 6)
+    out = random_hflip(x, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[i], x[i].flip(-1)) for i in range(64)]
+    kept = [torch.equal(out[i], x[i]) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 10 < sum(flipped) < 54
