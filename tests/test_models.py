@@ -105,7 +105,7 @@ def test_known_parameter_counts_and_width():
 def test_default_pairs(dataset):
     t, s = models.default_pair(dataset)
     assert t in models.list_models() and s in models.list_models()
-    _, _, classes, shape = models.DATASETS[dataset]
+    _, _, classes, shape = models.DEFAULT_PAIRS[dataset]
     assert _params(s, num_classes=classes) < 0.5 * _params(t, num_classes=classes)  # a *small* student
     with torch.device("meta"):
         tm, sm = models.create(t, num_classes=classes), models.create(s, num_classes=classes)

@@ -26,7 +26,7 @@ from lasnn.models.small import StageCNN, digits_cnn, digits_cnn_small, mnist1d_c
 from lasnn.models.vgg import CifarVGG, vgg11, vgg16
 
 __all__ = [
-    "DATASETS",
+    "DEFAULT_PAIRS",
     "BasicBlock",
     "CifarResNet",
     "CifarVGG",
@@ -69,7 +69,7 @@ _REGISTRY: dict[str, ModelInfo] = {
 }
 
 #: data set -> (teacher, student, num_classes, input shape of one sample)
-DATASETS: dict[str, tuple[str, str, int, tuple[int, ...]]] = {
+DEFAULT_PAIRS: dict[str, tuple[str, str, int, tuple[int, ...]]] = {
     "mnist1d": ("mnist1d_cnn", "mnist1d_cnn_small", 10, (1, 40)),
     "digits": ("digits_cnn", "digits_cnn_small", 10, (1, 8, 8)),
     "cifar10": ("resnet19", "resnet20", 10, (3, 32, 32)),
@@ -116,9 +116,9 @@ def default_pair(dataset: str) -> tuple[str, str]:
     """``(teacher, student)`` zoo names for a data set: mnist1d, digits, cifar10, cifar100, tinyimagenet.
 
     The two share stage names (``layer1..3`` for the ResNets, ``stage1..`` otherwise) for layer-wise
-    distillation; ``DATASETS[dataset]`` also gives the class count and sample shape.
+    distillation; ``DEFAULT_PAIRS[dataset]`` also gives the class count and sample shape.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}")
-    t, s, _, _ = DATASETS[dataset]
+    if dataset not in DEFAULT_PAIRS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DEFAULT_PAIRS)}")
+    t, s, _, _ = DEFAULT_PAIRS[dataset]
     return t, s

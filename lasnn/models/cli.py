@@ -25,7 +25,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"{name:<18} {n / 1e6:>8.2f}M  {'x'.join(map(str, info.input_shape)):<11} {stages}")
         print(f"{'':<18} {'':>9}  {info.description}")
     print("\ndefault (teacher, student) per data set:")
-    for ds, (t, s, c, shape) in models.DATASETS.items():
+    for ds, (t, s, c, shape) in models.DEFAULT_PAIRS.items():
         print(f"  {ds:<13} {t} -> {s}   ({c} classes, input {'x'.join(map(str, shape))})")
     return 0
 

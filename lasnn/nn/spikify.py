@@ -12,9 +12,15 @@ How it works (and why unmodified forward code such as torchvision's ResNet/VGG k
   fused ``lasnn.lif`` call, and folds the spikes back;
 - the body's output ``[T*B, classes]`` is unfolded to per-step logits ``[T, B, classes]`` and averaged.
 
-Every forward starts with the membranes at zero, so no state leaks between calls and nothing needs
-resetting. For streaming (a long input in chunks) use :meth:`SNN.streaming`, which carries each
-neuron's membrane from one chunk to the next.
+Every forward starts from the neurons' initial membrane (zero for ``lasnn.nn.LIF``/``IF``), so no
+state leaks between calls and nothing needs resetting. For streaming (a long input in chunks) use
+:meth:`SNN.streaming`, which carries each neuron's membrane from one chunk to the next.
+
+Consequences of folding worth knowing: a module the forward calls twice (torchvision's BasicBlock
+reuses one ``ReLU``) is one neuron module that runs a separate multi-step pass per call; dropout
+draws an independent mask per time step (SpikingJelly shares one mask over time); every replaced
+activation type (``ReLU6``, ``LeakyReLU``...) becomes the same spiking neuron, whose clipping/leak is
+the neuron's own; activations called functionally (``F.relu``) are invisible and stay analog.
 """
 
 from __future__ import annotations
