@@ -13,16 +13,18 @@ def _cmd_models(args: argparse.Namespace) -> int:
     print(f"{'name':<18} {'params':>9}  {'input':<11} {'stages (shape of one sample)':<s}")
     for name in models.list_models():
         info = models.model_info(name)
-        m = models.create(name, num_classes=args.num_classes, width=args.width).eval()
+        # on the meta device: shapes and counts only, no memory and no weight init (instant for VGG-16)
+        with torch.device("meta"):
+            m = models.create(name, num_classes=args.num_classes, width=args.width).eval()
         n = sum(p.numel() for p in m.parameters())
-        stages = ""
         if args.shapes:
-            with torch.no_grad():
+            with torch.device("meta"), torch.no_grad():
                 feats = models.features(m, torch.zeros(1, *info.input_shape))
             stages = ", ".join(f"{k} {list(v.shape[1:])}" for k, v in feats.items())
         else:
             stages = ", ".join(models.stage_layers(m))
-        print(f"{name:<18} {n / 1e6:>8.2f}M  {'x'.join(map(str, info.input_shape)):<11} {stages}")
+        count = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+        print(f"{name:<18} {count:>9}  {'x'.join(map(str, info.input_shape)):<11} {stages}")
         print(f"{'':<18} {'':>9}  {info.description}")
     print("\ndefault (teacher, student) per data set:")
     for ds, (t, s, c, shape) in models.DEFAULT_PAIRS.items():
