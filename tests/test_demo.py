@@ -1,0 +1,84 @@
+"""``lasnn demo`` / ``convert`` / ``evaluate`` end to end in reduced mode (issue 6)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lasnn.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "d"
+    assert main(["demo", "--out", str(out), "--dataset", "synthetic", "--quick", "--T-max", "16", "--quiet"]) == 0
+    return out
+
+
+def test_demo_report_fields_and_consistency(demo_dir):
+    rep = json.loads((demo_dir / "report.json").read_text())
+    assert rep["dataset"] == "synthetic"
+    assert set(rep["teacher"]) >= {"model", "accuracy"}
+    st = rep["student"]
+    assert st["T"] == 4 and st["schedule"] == "layerwise" and 0 <= st["firing_rate"] <= 1
+    assert st["accuracy"] == st["accuracy_by_T"]["4"]
+    assert st["accuracy"] > 0.25 + 0.1, "the student did not learn (4 classes)"
+    for name in ("classic", "robust"):
+        c = rep["conversion"][name]
+        assert list(c["accuracy_by_T"]) == [str(t) for t in range(1, 17)]
+        acc = {int(t): a for t, a in c["accuracy_by_T"].items()}
+        m = c["T_to_match_student"]
+        if m is None:
+            assert c["ratio"] is None and max(acc.values()) < st["accuracy"]
+        else:
+            assert acc[m] >= st["accuracy"] and all(acc[t] < st["accuracy"] for t in range(1, m))
+            assert c["ratio"] == m / 4
+    assert rep["conversion"]["classic"]["initial_membrane"] == 0.0
+    assert rep["conversion"]["robust"]["initial_membrane"] == 0.5
+    assert rep["seconds"] > 0
+    png = (demo_dir / "latency.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_convert_and_evaluate_commands(demo_dir, tmp_path, capsys):
+    out = tmp_path / "conv"
+    assert main(["convert", "--teacher", str(demo_dir / "teacher"), "--method", "max", "--initial-membrane", "0",
+                 "--T-max", "8", "--out", str(out)]) == 0
+    res = json.loads((out / "accuracy_vs_T.json").read_text())
+    assert res["method"] == "max" and list(res["accuracy_by_T"]) == [str(t) for t in range(1, 9)]
+    assert (out / "accuracy_vs_T.png").is_file()
+    # the same recipe as the demo's classic conversion, so the same curve
+    demo = json.loads((demo_dir / "report.json").read_text())["conversion"]["classic"]["accuracy_by_T"]
+    assert res["accuracy_by_T"] == {t: demo[t] for t in res["accuracy_by_T"]}
+    assert "teacher" in capsys.readouterr().out  # the table
+
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--run", str(demo_dir / "student"), "--T-max", "6", "--out", str(ev), "--quiet"]) == 0
+    res = json.loads((ev / "accuracy_vs_T.json").read_text())
+    assert res["kind"] == "student" and res["T"] == 4 and list(res["accuracy_by_T"]) == [str(t) for t in range(1, 7)]
+    assert res["accuracy"] == json.loads((demo_dir / "report.json").read_text())["student"]["accuracy"]
+
+
+def test_qcfs_convert_command_finetunes_a_relu_teacher(demo_dir, tmp_path):
+    out = tmp_path / "q"
+    assert main(["convert", "--teacher", str(demo_dir / "teacher"), "--method", "qcfs", "--qcfs-epochs", "1",
+                 "--T-max", "4", "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "accuracy_vs_T.json").read_text())
+    assert res["qcfs"]["levels"] == 4 and 0 <= res["qcfs"]["ann_accuracy"] <= 1
+    assert all(len(v) == 1 and v[0] > 0 for v in res["thresholds"].values())
+
+
+def test_bad_arguments(demo_dir, tmp_path, capsys):
+    assert main(["demo", "--out", str(demo_dir), "--dataset", "synthetic", "--quick"]) == 2
+    assert "already holds a demo" in capsys.readouterr().err
+    assert main(["convert", "--teacher", str(demo_dir / "student"), "--out", str(tmp_path / "x")]) == 2
+    assert "student run" in capsys.readouterr().err
+    assert main(["convert", "--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x" / "accuracy_vs_T.json").exists()
+    with pytest.raises(SystemExit):
+        main(["convert", "--teacher", str(demo_dir / "teacher"), "--T-max", "0", "--out", str(tmp_path / "x")])
+    assert "integer >= 1" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "c"), "--dataset", "cifar10", "--quick"]) == 2
+    assert "cifar-10-batches-py" in capsys.readouterr().err  # names the files it expected
+    assert not (tmp_path / "c").exists()
