@@ -103,6 +103,11 @@ class Profile:
         """Energy of the same network run as an ANN (all MACs, one pass), pJ."""
         return self.totals["ann_energy_pj"]
 
+    @property
+    def firing_rates(self) -> dict[str, float]:
+        """Neuron site -> output firing rate (fraction of neuron-steps that spike), in execution order."""
+        return {r.name: float(r.firing_rate) for r in self.layers if r.kind == "neuron" and r.firing_rate is not None}
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-python form (JSON-serialisable)."""
         return {"T": self.T, "batch": self.batch, "is_snn": self.is_snn, "totals": dict(self.totals),

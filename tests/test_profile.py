@@ -65,6 +65,7 @@ def test_hand_counted_direct_encoding():
     assert p.energy_pj == pytest.approx(CONV_MACS * 4.6 + 36 * 0.9)  # 1357.2 pJ
     assert p.ann_energy_pj == pytest.approx((CONV_MACS + 96) * 4.6)  # 1766.4 pJ
     assert p.totals["firing_rate"] == pytest.approx(RATE)
+    assert p.firing_rates == {"1": pytest.approx(RATE)}
     assert p.totals["sops"] == pytest.approx(36.0) and p.totals["mac_ops"] == CONV_MACS
     text = str(p)
     assert "total" in text and "1.36nJ" in text and "1.77nJ" in text

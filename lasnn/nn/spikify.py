@@ -145,14 +145,16 @@ def _make_neuron_factory(neuron: object) -> Callable[[], nn.Module]:
 
 def _infer_input_dims(ann: nn.Module) -> int | None:
     """Rank of one un-encoded input ``[B, ...]``, from the first conv/linear layer; None if ambiguous."""
+    flatten_seen = False
     for m in ann.modules():
-        if isinstance(m, nn.Flatten):
-            return None  # a flatten before the first linear: the input rank cannot be told from the layers
         for cls, dims in _CONV_DIMS.items():
             if isinstance(m, cls):
                 return dims
-        if isinstance(m, nn.Linear):
-            return 2
+        if isinstance(m, nn.Flatten):
+            flatten_seen = True
+        elif isinstance(m, nn.Linear):
+            # a flatten registered before the first linear: the input rank cannot be told from the layers
+            return None if flatten_seen else 2
     return None
 
 
