@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -51,7 +52,8 @@ def _run(args: argparse.Namespace, fn) -> int:
     except (ValueError, TypeError, DatasetError) as e:
         print(f"lasnn {args.command}: error: {e}", file=sys.stderr)
         return 2
-    if not args.quiet:
+    # Under torchrun every rank returns the (all-reduced) metrics; rank 0 reports them.
+    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         what = f"student {res['model']} (T={res['T']}, {res['schedule']})" if res["kind"] == "student" else (
             f"teacher {res['model']}")
         acc = res["test_acc"]
