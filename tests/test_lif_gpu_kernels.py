@@ -449,3 +449,53 @@ def test_cuda_misaligned_and_empty():
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=_id)
 def test_cuda_fires_at_threshold(dtype):
     _check_fires_at_threshold(*_cuda(), "cuda", dtype)
+
+
+@pytest.mark.triton
+@triton_only
+@pytest.mark.parametrize("has_v0", [True, False], ids=["v0", "nov0"])
+def test_triton_ops_opcheck(has_v0):
+    """The raw ops lasnn::lif_{fwd,bwd}_triton (registered in lasnn/ops/lif.py, run by these launchers) pass
+    opcheck: schema, fake tensors, no aliasing of outputs with inputs."""
+    import lasnn.ops.lif  # noqa: F401  (registers the ops)
+
+    x, v0 = _inputs(3, 37, torch.float32, TRITON_DEVICE, v_init=has_v0)
+    torch.library.opcheck(torch.ops.lasnn.lif_fwd_triton.default, (x, v0, 2.0, 1.0, 0.0, False, True))
+    gs = torch.randn_like(x)
+    gvl = torch.randn(37, device=TRITON_DEVICE) if has_v0 else None
+    args = (gs, gvl, x, v0, 2.0, 1.0, -0.1, False, True, False, 1, 2.0)
+    torch.library.opcheck(torch.ops.lasnn.lif_bwd_triton.default, args)
+
+
+@pytest.mark.skipif(not _ext.HAS_TRITON or INTERPRET, reason="needs triton's compiler (not the interpreter)")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_triton_kernels_compile_for_hopper(dtype):
+    """Ahead-of-time compile both kernels to sm_90 machine code (no GPU needed), so that code the interpreter
+    accepts but the real compiler rejects fails here and not first on a GPU machine. With 16-byte aligned
+    pointers and N % 16 == 0 (what the JIT specialises on) the fp32 loads must become 16-byte vector loads."""
+    import triton
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:  # these entry points moved between Triton releases
+        pytest.skip(f"this Triton has no ASTSource/GPUTarget: {e}")
+    from lasnn.kernels import lif as K
+
+    target = GPUTarget("cuda", 90, 32)
+    p = f"*{dtype}"
+    fwd_sig = dict.fromkeys(["x_ptr", "v0_ptr", "s_ptr", "vl_ptr"], p)
+    fwd_sig |= {"T": "i32", "N": "i32", "inv_tau": "fp32", "v_th": "fp32", "v_r": "fp32"}
+    fwd_const = {"HAS_V0": True, "SOFT_RESET": False, "DECAY_INPUT": True, "BLOCK": 1024}
+    fwd_sig |= dict.fromkeys(fwd_const, "constexpr")
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5)}
+    k = triton.compile(ASTSource(K._lif_fwd_kernel, fwd_sig, fwd_const, aligned), target=target)
+    if dtype == "fp32":
+        assert "ld.global.v4" in k.asm["ptx"]
+    bwd_sig = dict.fromkeys(["gs_ptr", "gvl_ptr", "x_ptr", "v0_ptr", "gx_ptr", "gv0_ptr"], p) | {"h_ptr": "*fp32"}
+    bwd_sig |= {"T": "i32", "N": "i32", "inv_tau": "fp32", "v_th": "fp32", "v_r": "fp32", "alpha": "fp32"}
+    bwd_const = {"HAS_V0": True, "HAS_GVL": False, "SOFT_RESET": False, "DECAY_INPUT": True}
+    bwd_const |= {"DETACH_RESET": False, "SURROGATE": 0, "BLOCK": 1024}
+    bwd_sig |= dict.fromkeys(bwd_const, "constexpr")
+    k = triton.compile(ASTSource(K._lif_bwd_kernel, bwd_sig, bwd_const), target=target)
+    assert "bar.sync" in k.asm["ptx"]  # the barrier between the H stores and the reverse loop survived
