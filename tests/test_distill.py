@@ -69,7 +69,8 @@ def test_teacher_run_writes_every_file(teacher):
 @pytest.mark.parametrize("schedule", ["layerwise", "joint"])
 def test_distill_schedules_reduce_loss_and_beat_chance(teacher, tmp_path, schedule):
     out = tmp_path / schedule
-    res = distill(out=out, teacher=str(teacher), schedule=schedule, epochs=5, T=2, quiet=True, **STUDENT)
+    res = distill(out=out, teacher=str(teacher), schedule=schedule, epochs=5, T=2, quiet=True,
+                  **{**STUDENT, "batch_size": 32})
     recs = _records(out)
     stages = [r["stage"] for r in recs]
     if schedule == "layerwise":
