@@ -133,3 +133,14 @@ def table() -> list[tuple[str, str, str]]:
             why = unavailable_reason(op, b, None, None)
             rows.append((op, b, "available" if why is None else f"unavailable: {why}"))
     return rows
+
+
+@torch.compiler.assume_constant_result
+def resolve_traced(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """``resolve`` as seen by ``torch.compile``: evaluated once at trace time and baked in as a constant.
+
+    The selector asks the dispatcher which kernels exist and reads ``LASNN_BACKEND`` (calls Dynamo
+    cannot trace); its answer is fixed for a given device and dtype, on which Dynamo already guards.
+    Changing ``LASNN_BACKEND`` after a function was compiled does not recompile it.
+    """
+    return resolve(op, backend, device, dtype)

@@ -155,7 +155,7 @@ def lif(
             raise TypeError(f"v_init must have x_seq's dtype {x_seq.dtype}, got {v_init.dtype}")
         if v_init.device != x_seq.device:
             raise ValueError(f"v_init must be on x_seq's device {x_seq.device}, got {v_init.device}")
-    name = backends.resolve("lif", backend, x_seq.device, x_seq.dtype)
+    name = backends.resolve_traced("lif", backend, x_seq.device, x_seq.dtype)
     if name == "reference":
         spikes, v_last = lif_reference(
             x_seq, v_init, tau=tau, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
