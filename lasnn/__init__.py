@@ -16,3 +16,6 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "accuracy_vs_timesteps", "backends", "convert", "lif", "nn"]
 __all__ += ["attention_loss", "attention_map", "kd_loss"]
 __all__ += ["FeatureTap", "features", "models", "profile", "spikify"]
+from lasnn import data, distill  # noqa: E402  (issue 5: data sets; trainer: lasnn.distill.distill/train_teacher)
+
+__all__ += ["data", "distill"]
