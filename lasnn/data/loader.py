@@ -152,6 +152,8 @@ class TensorLoader:
         nb = len(self)
         for step in range(start_step, nb):
             sel = idx[step * self.batch_size : (step + 1) * self.batch_size]
+            if sel.device != self.x.device:  # the data set may live on the GPU; orders are drawn on the CPU
+                sel = sel.to(self.x.device)
             xb, yb = self.x[sel], self.y[sel]
             if self.device is not None:
                 xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)

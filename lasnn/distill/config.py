@@ -74,7 +74,8 @@ class DistillConfig(TeacherConfig):
     """A LaSNN distillation run (student SNN from a trained teacher); extends ``TeacherConfig``.
 
     ``teacher``: a teacher run folder or checkpoint file. ``student=None``: the data set's default
-    student. ``pairs``: ``"auto"`` or a list of ``"student_stage:teacher_stage"`` names (one name means the
+    student; ``width`` is the student's width multiplier (the teacher's comes from its own run).
+    ``pairs``: ``"auto"`` or a list of ``"student_stage:teacher_stage"`` names (one name means the
     same on both sides). Loss: ``ce + kd_weight * KD(T=kd_temperature) + beta * sum(attention losses)``.
     ``layerwise``: one stage of ``stage_epochs`` epochs per pair (attention loss of that pair only,
     student up to that block; earlier blocks ``freeze`` or train at ``earlier_lr_scale`` x lr), then the
