@@ -44,7 +44,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     kw = {}
     if args.quick:  # the test suite's reduced mode: tiny data set, a couple of epochs, short sweep
-        kw = {"teacher_epochs": 2, "student_epochs": 4, "stage_epochs": 1}
+        kw = {"teacher_epochs": 6, "student_epochs": 6, "stage_epochs": 1}
     for k in ("teacher_epochs", "student_epochs"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)

@@ -23,8 +23,8 @@ def t_to_match(curve: dict[int, float], target: float) -> int | None:
 
 
 def curve_to_json(curve: dict[int, float]) -> dict[str, float]:
-    """``{T: acc}`` -> ``{"T": acc}`` (JSON object keys are strings), rounded to 6 decimals, T ascending."""
-    return {str(t): round(float(curve[t]), 6) for t in sorted(curve)}
+    """``{T: acc}`` -> ``{"T": acc}`` (JSON object keys are strings), T ascending, values exact."""
+    return {str(t): float(curve[t]) for t in sorted(curve)}
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
