@@ -110,7 +110,7 @@ __device__ __forceinline__ void store_acc(T* p, const typename Storage<T>::acc_t
 
 // Forward: spikes_t = S_t, v_last = V_T. Reference: lasnn/reference/lif.py lif_reference.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(256) lif_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v0,
+__global__ void __launch_bounds__(128) lif_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v0,
                                                       scalar_t* __restrict__ spikes, scalar_t* __restrict__ v_last,
                                                       int64_t T, int64_t N,
                                                       LIFParams<typename Storage<scalar_t>::acc_t> P) {
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(256) lif_fwd_kernel(const scalar_t* __restrict
 //       (consecutive threads hit consecutive banks);
 // else: scratch is the global [T, N] buffer hbuf (grad_x itself for fp32/fp64, see the file comment).
 template <typename scalar_t, int VEC, bool SMEM>
-__global__ void __launch_bounds__(256) lif_bwd_kernel(const scalar_t* __restrict__ gs, const scalar_t* __restrict__ gvl,
+__global__ void __launch_bounds__(128) lif_bwd_kernel(const scalar_t* __restrict__ gs, const scalar_t* __restrict__ gvl,
                                                       const scalar_t* __restrict__ x, const scalar_t* __restrict__ v0,
                                                       scalar_t* gx, scalar_t* __restrict__ gv0,
                                                       typename Storage<scalar_t>::acc_t* hbuf, int64_t T, int64_t N,
@@ -223,13 +223,17 @@ __global__ void __launch_bounds__(256) lif_bwd_kernel(const scalar_t* __restrict
 // ---------------------------------------------------------------------------------------------------
 // Launchers.
 
-constexpr int kFwdThreads = 256;
+// 128 threads per block: small N still spreads over every SM (N = 2^16 fp32 gives 128 blocks), and
+// large N keeps plenty of 16-byte loads in flight (the time loop is unrolled by 4).
+constexpr int kThreads = 128;
 constexpr int64_t kSmemBudget = 48 * 1024;  // the default per-block limit: no opt-in attribute needed
 
 void check_lif_inputs(const at::Tensor& x, const std::optional<at::Tensor>& v_init, double tau, double v_threshold,
                       double v_reset, double alpha, const char* op) {
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [T, N] (the caller flattens), got shape ", x.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ", x.scalar_type());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+                   ": x must be float16, bfloat16, float32 or float64, got ", dt);
   TORCH_CHECK_VALUE(x.is_cuda(), op, " (cuda): x must be a CUDA tensor, got one on ", x.device());
   if (v_init.has_value()) {
     const auto& v = *v_init;
@@ -265,7 +269,15 @@ bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Calls f.template operator()<scalar_t>() with the CUDA storage type of `dtype`.
+// Blocks for `groups` thread-groups of `threads`; gridDim.x is limited to 2^31 - 1.
+unsigned int grid_blocks(int64_t groups, int threads) {
+  const int64_t blocks = ceil_div(groups, threads);
+  TORCH_CHECK_VALUE(blocks <= 2147483647LL, "lasnn::lif (cuda): N is too large for one launch (", blocks,
+                    " blocks)");
+  return static_cast<unsigned int>(blocks);
+}
+
+// Calls f(tag), tag a value of the CUDA storage type of `dtype` (the lambda reads it with decltype).
 template <typename F>
 void dispatch_dtype(at::ScalarType dtype, const char* op, F&& f) {
   switch (dtype) {
@@ -299,11 +311,11 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& v_init, at::Tensor& spike
   auto* vl = reinterpret_cast<scalar_t*>(v_last.mutable_data_ptr());
   const bool vec = N % kVec == 0 && aligned16(xp) && aligned16(v0) && aligned16(sp) && aligned16(vl);
   if (vec) {
-    const int64_t blocks = ceil_div(N / kVec, kFwdThreads);
-    lif_fwd_kernel<scalar_t, kVec><<<blocks, kFwdThreads, 0, stream>>>(xp, v0, sp, vl, T, N, P);
+    const unsigned int blocks = grid_blocks(N / kVec, kThreads);
+    lif_fwd_kernel<scalar_t, kVec><<<blocks, kThreads, 0, stream>>>(xp, v0, sp, vl, T, N, P);
   } else {
-    const int64_t blocks = ceil_div(N, kFwdThreads);
-    lif_fwd_kernel<scalar_t, 1><<<blocks, kFwdThreads, 0, stream>>>(xp, v0, sp, vl, T, N, P);
+    const unsigned int blocks = grid_blocks(N, kThreads);
+    lif_fwd_kernel<scalar_t, 1><<<blocks, kThreads, 0, stream>>>(xp, v0, sp, vl, T, N, P);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -314,7 +326,7 @@ void launch_bwd_vec(int threads, bool smem, const scalar_t* gs, const scalar_t* 
                     int64_t T, int64_t N, const LIFParams<typename Storage<scalar_t>::acc_t>& P,
                     cudaStream_t stream) {
   using acc_t = typename Storage<scalar_t>::acc_t;
-  const int64_t blocks = ceil_div(ceil_div(N, VEC), threads);
+  const unsigned int blocks = grid_blocks(ceil_div(N, VEC), threads);
   if (smem) {
     const size_t bytes = static_cast<size_t>(threads) * VEC * T * sizeof(acc_t);
     lif_bwd_kernel<scalar_t, VEC, true><<<blocks, threads, bytes, stream>>>(gs, gvl, x, v0, gx, gv0, nullptr, T, N, P);
@@ -340,13 +352,14 @@ void launch_bwd(const at::Tensor& gs_t, const at::Tensor& gvl_t, const at::Tenso
   const bool can_vec = N % kVec == 0 && aligned16(gs) && aligned16(gvl) && aligned16(xp) && aligned16(v0) &&
                        aligned16(gx) && aligned16(gv0);
 
-  // Shared-memory path: the widest vector, then the largest block (256..64 threads) whose scratch fits
-  // the budget. Below 64 threads per block too few loads would be in flight per SM; the global path
-  // (more traffic, full occupancy) is then the faster choice.
+  // Shared-memory path: the widest vector, then the largest block (128 or 64 threads) whose scratch fits
+  // the budget (fp32: T <= 24 with 16-byte vectors and 128 threads, up to T = 192 scalar with 64).
+  // Below 64 threads per block too few loads would be in flight per SM; the global path (more
+  // traffic, full occupancy) is then the faster choice.
   const int vecs[2] = {can_vec ? kVec : 1, 1};
   for (int vi = 0; vi < 2; ++vi) {
     const int vec = vecs[vi];
-    for (int threads = 256; threads >= 64; threads /= 2) {
+    for (int threads = kThreads; threads >= 64; threads /= 2) {
       if (static_cast<int64_t>(threads) * vec * T * static_cast<int64_t>(sizeof(acc_t)) > kSmemBudget) continue;
       if (vec == kVec && kVec > 1) {
         launch_bwd_vec<scalar_t, kVec>(threads, true, gs, gvl, xp, v0, gx, gv0, nullptr, T, N, P, stream);
@@ -370,9 +383,9 @@ void launch_bwd(const at::Tensor& gs_t, const at::Tensor& gvl_t, const at::Tenso
     hbuf = reinterpret_cast<acc_t*>(scratch.mutable_data_ptr());
   }
   if (can_vec) {
-    launch_bwd_vec<scalar_t, kVec>(256, false, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, P, stream);
+    launch_bwd_vec<scalar_t, kVec>(kThreads, false, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, P, stream);
   } else {
-    launch_bwd_vec<scalar_t, 1>(256, false, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, P, stream);
+    launch_bwd_vec<scalar_t, 1>(kThreads, false, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, P, stream);
   }
   // scratch is freed here while the kernel may still run: the caching allocator reuses the block
   // only for work queued later on this same stream, which is ordered after the kernel.
