@@ -214,7 +214,8 @@ def _check_inputs(op: str, x: object, v_init: object, tau: object, v_threshold: 
     if x.device.type == "cuda":
         allowed = (torch.float32, torch.float16, torch.bfloat16)
     elif x.device.type == "cpu" and _interpret():
-        allowed = (torch.float32, torch.float16)  # bf16 does not run in the interpreter
+        # bf16 is not a supported interpreter dtype (DESIGN.md; lasnn.backends excludes it there too).
+        allowed = (torch.float32, torch.float16)
     else:
         raise ValueError(
             f"{op}: x must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got one on {x.device}"
