@@ -33,6 +33,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=_S, help="seed of weights, data order and augmentation (default 0)")
     p.add_argument("--save-every", dest="save_every", type=int, default=_S,
                    help="also checkpoint every N steps inside an epoch (default 0: at epoch ends)")
+    p.add_argument("--grad-clip", dest="grad_clip", type=float, default=_S,
+                   help="clip the global gradient norm to this value (default 0: off)")
     p.add_argument("--device", default=_S, help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=_S, help="no bf16 autocast on GPU")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")

@@ -33,6 +33,7 @@ class TeacherConfig:
     ``model=None`` picks the data set's default teacher (``lasnn.models.default_pair``). ``lr`` is the
     SGD learning rate at the start of the cosine schedule (per-step cosine to 0 over the run).
     ``save_every``: also checkpoint every that many steps inside an epoch (0: at epoch ends only).
+    ``grad_clip``: clip the global gradient norm to this value (0: off).
     """
 
     dataset: str = "mnist1d"
@@ -47,6 +48,7 @@ class TeacherConfig:
     augment: bool = True
     seed: int = 0
     save_every: int = 0
+    grad_clip: float = 0.0
     device: str = "auto"
     amp: bool = True
     kind: str = field(default="teacher", init=False)
@@ -62,6 +64,7 @@ class TeacherConfig:
         _check_pos("lr", self.lr)
         _check_pos("momentum", self.momentum, allow_zero=True)
         _check_pos("weight_decay", self.weight_decay, allow_zero=True)
+        _check_pos("grad_clip", self.grad_clip, allow_zero=True)
         if self.width is not None:
             _check_pos("width", self.width)
 

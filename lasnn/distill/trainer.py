@@ -515,6 +515,9 @@ class _Trainer:
                 loss, parts, correct = self._losses(x, y, stage)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip > 0:
+                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 self.optimizer.step()
                 b = y.numel()
                 a = self.accum
