@@ -15,17 +15,22 @@ The same arithmetic as csrc/lasnn_math.h (C++ CPU/CUDA); oracle: lasnn/reference
 
 Design: one program owns BLOCK neurons for the whole sequence and loops over T inside, membrane in
 registers. Forward traffic is the minimum (read x, write spikes). The backward needs H_t in reverse
-order, and a Triton program cannot index its registers by a run-time t, so it recomputes H forward
-and stores it in global memory, then reads it back in the reverse loop: into the grad_x buffer itself
-for fp32 (each element is read right before being overwritten with dL/dX_t), into an fp32 [T, N]
-scratch for fp16/bf16 (rounding H to 16 bits would flip spikes just below the threshold). Bytes per
-element: fp32 20 (x, H write, H read, grad_spikes, grad_x) against the minimum 12; fp16/bf16 14
-against 6. The CUDA C++ backend keeps H in shared memory and moves only the minimum.
+order, and a Triton program cannot index its registers by a run-time t. Two kernels:
 
-Launchers validate; kernels trust their inputs. Only block sizes and code-path flags are constexpr
-(T, N, thresholds, tau and alpha are run-time arguments, so they never trigger a recompile; T is
-also exempt from Triton's value specialisation). Pointers advance by increments of N from an int64
-base, so offsets never overflow 32 bits.
+- ``_lif_bwd_regs_kernel`` (T <= 32, the common case: SNNs run T = 1..16): the time loop is unrolled
+  over a tile TC = next power of two >= T (a block size, so at most 6 variants; T stays a run-time
+  argument and steps t >= T are masked). H_t is kept in a tuple of registers, so the backward moves
+  the minimum: read x and grad_spikes, write grad_x (fp32 12 bytes per element, fp16/bf16 6).
+- ``_lif_bwd_kernel`` (longer sequences): recompute H forward and store it in global memory, then read
+  it back in the reverse loop: in the grad_x buffer itself for fp32 (each element is read right
+  before being overwritten with dL/dX_t), in an fp32 [T, N] scratch for fp16/bf16 (rounding H to 16
+  bits would flip spikes just below the threshold). Bytes per element: fp32 20 (x, H write, H read,
+  grad_spikes, grad_x) against the minimum 12; fp16/bf16 14 against 6.
+
+Launchers validate; kernels trust their inputs. Only block sizes (BLOCK, TC) and code-path flags are
+constexpr (T, N, thresholds, tau and alpha are run-time arguments, so they never trigger a recompile;
+T is also exempt from Triton's value specialisation). Offsets are int64 (pointers advance by N from an
+int64 base, or t * N is formed in int64), so they never overflow 32 bits.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ __all__ = ["lif_bwd_triton", "lif_fwd_triton"]
 
 _BLOCK = 1024
 _NUM_WARPS = 4
+# Longest sequence whose backward keeps H in registers (_lif_bwd_regs_kernel); longer ones use the
+# global H scratch (_lif_bwd_kernel).
+_MAX_TC = 32
 
 if triton is not None:
 
@@ -75,6 +83,50 @@ if triton is not None:
             h = v - (v - v_r) * inv_tau + x
         return h
 
+    @triton.jit
+    def _fire_reset(h, v_th, v_r, SOFT_RESET: tl.constexpr):
+        """S = [H >= V_th] and the membrane after the reset."""
+        s = tl.where(h >= v_th, 1.0, 0.0)
+        if SOFT_RESET:
+            v = h - s * v_th
+        else:
+            v = s * v_r + (1.0 - s) * h
+        return s, v
+
+    @triton.jit
+    def _backward_step(
+        h,
+        gs,
+        gv,
+        inv_tau,
+        v_th,
+        v_r,
+        alpha,
+        SOFT_RESET: tl.constexpr,
+        DECAY_INPUT: tl.constexpr,
+        DETACH_RESET: tl.constexpr,
+        SURROGATE: tl.constexpr,
+    ):
+        """One reverse step (csrc/lasnn_math.h lif_backward_step): returns (dL/dX_t, dL/dV_{t-1})."""
+        sg = _surrogate_grad(h - v_th, alpha, SURROGATE)
+        if SOFT_RESET:
+            if DETACH_RESET:
+                dvdh = 1.0
+            else:
+                dvdh = 1.0 - v_th * sg
+        else:
+            s = tl.where(h >= v_th, 1.0, 0.0)
+            if DETACH_RESET:
+                dvdh = 1.0 - s
+            else:
+                dvdh = 1.0 - s + (v_r - h) * sg
+        gh = gs * sg + gv * dvdh
+        if DECAY_INPUT:
+            gx = gh * inv_tau
+        else:
+            gx = gh
+        return gx, gh * (1.0 - inv_tau)
+
     @triton.jit(do_not_specialize=["T"])
     def _lif_fwd_kernel(
         x_ptr,  # [T, N] contiguous
@@ -102,11 +154,7 @@ if triton is not None:
         for _ in range(T):
             x = tl.load(x_ptr + row, mask=mask, other=0.0).to(tl.float32)
             h = _charge(v, x, inv_tau, v_r, DECAY_INPUT)
-            s = tl.where(h >= v_th, 1.0, 0.0)
-            if SOFT_RESET:
-                v = h - s * v_th
-            else:
-                v = s * v_r + (1.0 - s) * h
+            s, v = _fire_reset(h, v_th, v_r, SOFT_RESET)
             tl.store(s_ptr + row, s.to(s_ptr.dtype.element_ty), mask=mask)
             row += N
         tl.store(vl_ptr + offs, v.to(vl_ptr.dtype.element_ty), mask=mask)
@@ -146,11 +194,7 @@ if triton is not None:
             x = tl.load(x_ptr + row, mask=mask, other=0.0).to(tl.float32)
             h = _charge(v, x, inv_tau, v_r, DECAY_INPUT)
             tl.store(h_ptr + row, h, mask=mask)
-            s = tl.where(h >= v_th, 1.0, 0.0)
-            if SOFT_RESET:
-                v = h - s * v_th
-            else:
-                v = s * v_r + (1.0 - s) * h
+            _, v = _fire_reset(h, v_th, v_r, SOFT_RESET)
             row += N
         # The H written above is read back below by this program; the barrier makes those global
         # writes visible across the program's threads whatever layout the compiler picks.
@@ -163,25 +207,64 @@ if triton is not None:
             row -= N
             h = tl.load(h_ptr + row, mask=mask, other=0.0)
             gs = tl.load(gs_ptr + row, mask=mask, other=0.0).to(tl.float32)
-            sg = _surrogate_grad(h - v_th, alpha, SURROGATE)
-            if SOFT_RESET:
-                if DETACH_RESET:
-                    dvdh = tl.full([BLOCK], 1.0, tl.float32)
-                else:
-                    dvdh = 1.0 - v_th * sg
-            else:
-                s = tl.where(h >= v_th, 1.0, 0.0)
-                if DETACH_RESET:
-                    dvdh = 1.0 - s
-                else:
-                    dvdh = 1.0 - s + (v_r - h) * sg
-            gh = gs * sg + gv * dvdh
-            gv = gh * (1.0 - inv_tau)
-            if DECAY_INPUT:
-                gx = gh * inv_tau
-            else:
-                gx = gh
+            gx, gv = _backward_step(
+                h, gs, gv, inv_tau, v_th, v_r, alpha, SOFT_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE
+            )
             tl.store(gx_ptr + row, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gv0_ptr + offs, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _lif_bwd_regs_kernel(
+        gs_ptr,  # [T, N] dL/dS
+        gvl_ptr,  # [N] dL/dV_T (unused unless HAS_GVL)
+        x_ptr,  # [T, N] saved input
+        v0_ptr,  # [N] (unused unless HAS_V0)
+        gx_ptr,  # [T, N] out: dL/dX
+        gv0_ptr,  # [N] out: dL/dv_init
+        T,  # run-time, 1 <= T <= TC
+        N,
+        inv_tau,
+        v_th,
+        v_r,
+        alpha,
+        HAS_V0: tl.constexpr,
+        HAS_GVL: tl.constexpr,
+        SOFT_RESET: tl.constexpr,
+        DECAY_INPUT: tl.constexpr,
+        DETACH_RESET: tl.constexpr,
+        SURROGATE: tl.constexpr,
+        TC: tl.constexpr,  # time tile: a power of two >= T (a block size; T itself stays run-time)
+        BLOCK: tl.constexpr,
+    ):
+        """Backward for T <= TC with H_t held in registers (a tuple filled by an unrolled time loop), so it
+        moves the minimum: read x and grad_spikes, write grad_x. Steps t >= T are masked: no memory
+        traffic, and they leave dL/dV untouched."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        n64 = N.to(tl.int64)  # so that t * N cannot overflow 32 bits
+        if HAS_V0:
+            v = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            v = tl.zeros([BLOCK], dtype=tl.float32)
+        hs = ()
+        for t in tl.static_range(TC):
+            x = tl.load(x_ptr + offs + t * n64, mask=mask & (t < T), other=0.0).to(tl.float32)
+            h = _charge(v, x, inv_tau, v_r, DECAY_INPUT)
+            _, v = _fire_reset(h, v_th, v_r, SOFT_RESET)
+            hs = hs + (h,)  # noqa: RUF005  (the Triton frontend concatenates tuples; no starred unpacking)
+        if HAS_GVL:
+            gv = tl.load(gvl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            gv = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(TC - 1, -1, -1):
+            live = r < T
+            row = offs + r * n64
+            gs = tl.load(gs_ptr + row, mask=mask & live, other=0.0).to(tl.float32)
+            gx, gv_prev = _backward_step(
+                hs[r], gs, gv, inv_tau, v_th, v_r, alpha, SOFT_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE
+            )
+            gv = tl.where(live, gv_prev, gv)
+            tl.store(gx_ptr + row, gx.to(gx_ptr.dtype.element_ty), mask=mask & live)
         tl.store(gv0_ptr + offs, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
 
 
@@ -364,8 +447,40 @@ def lif_bwd_triton(
         grad_v = grad_v_last.clone() if grad_v_last is not None else x.new_zeros(N)
         return grad_x, grad_v
     grad_v = torch.empty(N, dtype=x.dtype, device=x.device)
-    hbuf = grad_x if x.dtype == torch.float32 else torch.empty((T, N), dtype=torch.float32, device=x.device)
     inv_tau, v_r, decay = _params(float(tau), float(v_reset), bool(soft_reset), bool(decay_input))
+    flags = dict(
+        HAS_V0=v_init is not None,
+        HAS_GVL=grad_v_last is not None,
+        SOFT_RESET=bool(soft_reset),
+        DECAY_INPUT=decay,
+        DETACH_RESET=bool(detach_reset),
+        SURROGATE=int(surrogate),
+    )
+    if T <= _MAX_TC:
+        # H in registers: TC x (BLOCK / threads) fp32 per thread, kept at 32 by shrinking BLOCK as TC grows.
+        tc = triton.next_power_of_2(T)
+        block = max(128, min(_BLOCK, 4096 // tc))
+        with _device_ctx(x):
+            _lif_bwd_regs_kernel[(triton.cdiv(N, block),)](
+                gs,
+                grad_v_last if grad_v_last is not None else x,
+                x,
+                v_init if v_init is not None else x,
+                grad_x,
+                grad_v,
+                T,
+                N,
+                inv_tau,
+                float(v_threshold),
+                v_r,
+                alpha,
+                **flags,
+                TC=tc,
+                BLOCK=block,
+                num_warps=_NUM_WARPS,
+            )
+        return grad_x, grad_v
+    hbuf = grad_x if x.dtype == torch.float32 else torch.empty((T, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, _BLOCK),)
     with _device_ctx(x):
         _lif_bwd_kernel[grid](
@@ -382,12 +497,7 @@ def lif_bwd_triton(
             float(v_threshold),
             v_r,
             alpha,
-            HAS_V0=v_init is not None,
-            HAS_GVL=grad_v_last is not None,
-            SOFT_RESET=bool(soft_reset),
-            DECAY_INPUT=decay,
-            DETACH_RESET=bool(detach_reset),
-            SURROGATE=int(surrogate),
+            **flags,
             BLOCK=_BLOCK,
             num_warps=_NUM_WARPS,
         )

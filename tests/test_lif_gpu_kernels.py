@@ -182,6 +182,9 @@ def _cuda():
 
 # N=1030 spans two programs of 1024 with a masked tail; 37 is odd; T=1 is a single step.
 SHAPES = [(1, 1), (4, 37), (3, 1030)]
+# The backward keeps H in registers up to T = 32 (time tile TC = 32 for T = 17..32, steps >= T masked) and
+# goes through a global H scratch beyond (T = 33: in grad_x for fp32, in an fp32 buffer for fp16).
+BWD_SHAPES = [*SHAPES, (5, 300), (32, 37), (33, 37)]
 
 
 @pytest.mark.triton
@@ -203,16 +206,17 @@ def test_triton_forward(dtype, shape, soft, decay, has_v0):
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 @pytest.mark.parametrize("detach", [False, True], ids=["attached", "detach"])
 @pytest.mark.parametrize("decay", [True, False], ids=["decay", "nodecay"])
-def test_triton_backward_fp32_all_flags(surrogate, soft, detach, decay):
+@pytest.mark.parametrize("T", [5, 33], ids=["regs", "scratch"])
+def test_triton_backward_fp32_all_flags(surrogate, soft, detach, decay, T):
     _, bwd = _triton()
-    x, v0 = _inputs(5, 37, torch.float32, TRITON_DEVICE)
+    x, v0 = _inputs(T, 37, torch.float32, TRITON_DEVICE)
     _check_backward(bwd, x, v0, _kw(2.0, soft, decay), surrogate, 2.0 if surrogate != "sigmoid" else 4.0, detach)
 
 
 @pytest.mark.triton
 @triton_only
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"T{s[0]}N{s[1]}")
+@pytest.mark.parametrize("shape", BWD_SHAPES, ids=lambda s: f"T{s[0]}N{s[1]}")
 @pytest.mark.parametrize("surrogate", ["sigmoid", "triangle"])
 @pytest.mark.parametrize("has_v0,with_gvl", [(True, True), (False, False)], ids=["v0-gvl", "nov0-nogvl"])
 def test_triton_backward_dtypes_shapes(dtype, shape, surrogate, has_v0, with_gvl):
@@ -499,3 +503,9 @@ def test_triton_kernels_compile_for_hopper(dtype):
     bwd_sig |= dict.fromkeys(bwd_const, "constexpr")
     k = triton.compile(ASTSource(K._lif_bwd_kernel, bwd_sig, bwd_const), target=target)
     assert "bar.sync" in k.asm["ptx"]  # the barrier between the H stores and the reverse loop survived
+    del bwd_sig["h_ptr"]
+    bwd_sig["TC"] = "constexpr"
+    k = triton.compile(ASTSource(K._lif_bwd_regs_kernel, bwd_sig, bwd_const | {"TC": 8, "BLOCK": 512}), target=target)
+    # H stays in registers: no local-memory (stack/spill) traffic, and each step loads x and grad_spikes once.
+    ptx = k.asm["ptx"]
+    assert "ld.local" not in ptx and "st.local" not in ptx
