@@ -66,7 +66,7 @@ def _extensions():
             "lasnn._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx + ["-DLASNN_WITH_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": [*cxx, "-DLASNN_WITH_CUDA"], "nvcc": nvcc},
             py_limited_api=True,
             **libs_args,
         )

@@ -42,7 +42,7 @@ def c_has_cuda_kernels(name: str = "lif_fwd") -> bool:
 
 TRITON_ERROR: str | None = None
 try:
-    import triton  # noqa: F401
+    import triton
     import triton.language  # noqa: F401
 except Exception as e:
     TRITON_ERROR = f"triton is not importable ({type(e).__name__}: {e})"

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from lasnn.ops.lif import lif
 from lasnn.ops._common import check_float
+from lasnn.ops.lif import lif
 from lasnn.reference.lif import SURROGATES
 
 

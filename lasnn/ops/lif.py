@@ -150,7 +150,9 @@ def lif(
         if not isinstance(v_init, torch.Tensor):
             raise TypeError(f"v_init must be a torch.Tensor or None, got {type(v_init).__name__}")
         if v_init.shape != x_seq.shape[1:]:
-            raise ValueError(f"v_init must have shape {tuple(x_seq.shape[1:])} (x_seq.shape[1:]), got {tuple(v_init.shape)}")
+            raise ValueError(
+                f"v_init must have shape {tuple(x_seq.shape[1:])} (x_seq.shape[1:]), got {tuple(v_init.shape)}"
+            )
         if v_init.dtype != x_seq.dtype:
             raise TypeError(f"v_init must have x_seq's dtype {x_seq.dtype}, got {v_init.dtype}")
         if v_init.device != x_seq.device:
