@@ -29,8 +29,18 @@
 namespace lasnn {
 namespace {
 
-// Spatial tile: 256 accumulators (1-2 KiB) stay in L1 while C*T rows of the tile stream through.
-constexpr int64_t kTile = 256;
+// Spatial tile: up to kTile accumulators (8-16 KiB, L1) while the C*T rows of the tile stream through.
+// Long tiles keep each run of reads long (a whole row of S when it fits: one sequential sweep of the
+// [C, S] slab); shorter ones only when the rows alone would leave threads idle.
+constexpr int64_t kTile = 2048;
+
+int64_t pick_tile(int64_t R, int64_t S) {
+  const int64_t want_items = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t splits = std::max<int64_t>(1, (want_items + R - 1) / std::max<int64_t>(R, 1));
+  int64_t tile = (S + splits - 1) / splits;
+  tile = (tile + 15) / 16 * 16;  // whole vectors
+  return std::max<int64_t>(16, std::min(kTile, tile));
+}
 
 void check_attention_inputs(const at::Tensor& feat, double p, const char* op) {
   TORCH_CHECK_VALUE(feat.dim() == 4, op, ": feat must be [T, B, C, S] (the caller flattens space), got shape ",
@@ -50,16 +60,17 @@ std::vector<int64_t> map_shape(const at::Tensor& feat, bool time_mean) {
 template <int PK, typename scalar_t, typename acc_t>
 void fwd_impl(const scalar_t* x, acc_t* out, int64_t R, int64_t TT, int64_t C, int64_t S, int64_t tstride,
               acc_t p) {
-  const int64_t ntiles = (S + kTile - 1) / kTile;
+  const int64_t tile = pick_tile(R, S);
+  const int64_t ntiles = (S + tile - 1) / tile;
   const acc_t inv_t = acc_t(1) / acc_t(TT), inv_c = acc_t(1) / acc_t(C);
-  const int64_t work_per_item = std::max<int64_t>(1, C * TT * std::min(S, kTile));
+  const int64_t work_per_item = std::max<int64_t>(1, C * TT * std::min(S, tile));
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / work_per_item);
   at::parallel_for(0, R * ntiles, grain, [&](int64_t begin, int64_t end) {
     acc_t acc[kTile];
     acc_t tm[kTile];
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t r = w / ntiles, s0 = (w % ntiles) * kTile;
-      const int64_t n = std::min(kTile, S - s0);
+      const int64_t r = w / ntiles, s0 = (w % ntiles) * tile;
+      const int64_t n = std::min(tile, S - s0);
       for (int64_t i = 0; i < n; ++i) acc[i] = acc_t(0);
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* xc = x + (r * C + c) * S + s0;
@@ -86,16 +97,17 @@ void fwd_impl(const scalar_t* x, acc_t* out, int64_t R, int64_t TT, int64_t C, i
 template <int PK, typename scalar_t, typename acc_t>
 void bwd_impl(const acc_t* g, const scalar_t* x, scalar_t* gx, int64_t R, int64_t TT, int64_t C, int64_t S,
               int64_t tstride, acc_t p) {
-  const int64_t ntiles = (S + kTile - 1) / kTile;
+  const int64_t tile = pick_tile(R, S);
+  const int64_t ntiles = (S + tile - 1) / tile;
   const acc_t inv_t = acc_t(1) / acc_t(TT), inv_c = acc_t(1) / acc_t(C);
-  const int64_t work_per_item = std::max<int64_t>(1, C * TT * std::min(S, kTile));
+  const int64_t work_per_item = std::max<int64_t>(1, C * TT * std::min(S, tile));
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / work_per_item);
   at::parallel_for(0, R * ntiles, grain, [&](int64_t begin, int64_t end) {
     acc_t gs[kTile];
     acc_t tm[kTile];
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t r = w / ntiles, s0 = (w % ntiles) * kTile;
-      const int64_t n = std::min(kTile, S - s0);
+      const int64_t r = w / ntiles, s0 = (w % ntiles) * tile;
+      const int64_t n = std::min(tile, S - s0);
       // d m / d (mean_t feat) carries 1/C; d (mean_t feat) / d feat_t carries 1/T.
       for (int64_t i = 0; i < n; ++i) gs[i] = g[r * S + s0 + i] * inv_c * inv_t;
       for (int64_t c = 0; c < C; ++c) {

@@ -1,0 +1,148 @@
+"""Benchmark of the attention-transfer loss: fused raw map (cpu / triton / cuda backends) against the unfused
+PyTorch composition (the ``reference`` backend, lasnn/reference/attention.py), forward + backward.
+
+Run: ``pytest benches/bench_attention.py --benchmark-json=out.json`` (add ``-k cpu`` etc. to select rows).
+
+Cases (issue 3): student spikes ``[T=4, B=64, C=128, 32, 32]`` against a teacher ``[64, 256, 32, 32]``
+(equal grids) and against a teacher ``[64, 256, 16, 16]`` (mismatched: the student's raw map is pooled),
+in both time modes. The student requires grad, the teacher is frozen (as in distillation).
+
+Each row records in ``extra_info``:
+- ``peak_fwd_bytes`` / ``peak_fwdbwd_bytes``: peak of live bytes allocated above the starting point during
+  one forward (one forward + backward), from the allocator's running total as torch.profiler
+  (``profile_memory=True``) records it for CPU, or ``torch.cuda.max_memory_allocated`` on a GPU;
+  ``*_over_student`` divides them by the student's size. The backward must return a student-sized
+  gradient, so a fused fwd+bwd peak of about 1.0x the student is the minimum; the forward should stay
+  far below 1.0x ("no temporary of the student's full size");
+- ``gbps``: effective bandwidth of the minimal design, bytes = 2 reads of the student + 1 write of its
+  gradient + 1 read of the teacher, over the median time;
+- ``speedup_vs_reference``: median of the reference row / median of this row, same case, same run;
+- device, torch/triton versions, thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+
+import pytest
+import torch
+
+import lasnn
+from lasnn import backends
+
+STUDENT = (4, 64, 128, 32, 32)
+TEACHERS = {"equal": (64, 256, 32, 32), "mismatch": (64, 256, 16, 16)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROUNDS = int(os.environ.get("LASNN_BENCH_ROUNDS", "5"))
+
+_medians: dict[tuple[str, str], float] = {}
+
+
+def _backends() -> list[str]:
+    # The reference first, so that the fused rows can report their speed-up against it.
+    rows = ["reference"]
+    for b in ("cpu", "cuda", "triton"):
+        if backends.unavailable_reason("attention_map", b, torch.device(DEVICE), torch.float32) is None:
+            rows.append(b)
+    return rows
+
+
+def _inputs(case: str):
+    g = torch.Generator().manual_seed(0)
+    s = (torch.rand(STUDENT, generator=g) < 0.2).float().to(DEVICE).requires_grad_()
+    t = torch.randn(TEACHERS[case], generator=g).relu().to(DEVICE)
+    return s, t
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_bytes(fn) -> int:
+    """Peak of live bytes allocated above the starting point while ``fn`` runs."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    # CPU: the profiler reports, with every allocation and free, the running total of bytes allocated
+    # while it records; its maximum minus the total before the first event is the peak.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mem = [e["args"] for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    if not mem:
+        return 0
+    base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
+    return max(m["Total Allocated"] for m in mem) - base
+
+
+def _info(benchmark, backend: str, case: str, time_reduce: str, s: torch.Tensor, t: torch.Tensor) -> None:
+    student_bytes = s.numel() * s.element_size()
+
+    def fwd():
+        with torch.no_grad():
+            lasnn.attention_loss(s, t, time_reduce=time_reduce, backend=backend)
+
+    def fwdbwd():
+        loss = lasnn.attention_loss(s, t, time_reduce=time_reduce, backend=backend)
+        torch.autograd.grad(loss, s)
+
+    pf, pfb = _peak_bytes(fwd), _peak_bytes(fwdbwd)
+    benchmark.extra_info.update(
+        backend=backend,
+        case=case,
+        time_reduce=time_reduce,
+        student=list(STUDENT),
+        teacher=list(TEACHERS[case]),
+        student_bytes=student_bytes,
+        peak_fwd_bytes=pf,
+        peak_fwdbwd_bytes=pfb,
+        peak_fwd_over_student=round(pf / student_bytes, 4),
+        peak_fwdbwd_over_student=round(pfb / student_bytes, 4),
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        # Transparent huge pages for large CPU tensors (c10 reads THP_MEM_ALLOC_ENABLE): with them a fresh
+        # student-sized gradient costs about 3x fewer page faults, which dominate the fused backward on CPU.
+        thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        torch=torch.__version__,
+    )
+    try:
+        import triton
+
+        benchmark.extra_info["triton"] = triton.__version__
+    except Exception:
+        pass
+
+
+@pytest.mark.parametrize("time_reduce", ["mean", "per_step"])
+@pytest.mark.parametrize("case", list(TEACHERS))
+@pytest.mark.parametrize("backend", _backends())
+def test_attention_loss_fwd_bwd(benchmark, backend, case, time_reduce):
+    s, t = _inputs(case)
+
+    def step():
+        loss = lasnn.attention_loss(s, t, time_reduce=time_reduce, backend=backend)
+        torch.autograd.grad(loss, s)
+        _sync()
+
+    benchmark.group = f"attention fwd+bwd {case} {time_reduce}"
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    _medians[(backend, case + time_reduce)] = median
+    moved = 3 * s.numel() * s.element_size() + t.numel() * t.element_size()
+    benchmark.extra_info["gbps"] = round(moved / median / 1e9, 2)
+    ref = _medians.get(("reference", case + time_reduce))
+    if ref is not None and backend != "reference":
+        benchmark.extra_info["speedup_vs_reference"] = round(ref / median, 2)
+    _info(benchmark, backend, case, time_reduce, s, t)
