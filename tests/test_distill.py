@@ -67,7 +67,18 @@ def test_teacher_run_writes_every_file(teacher):
 
 
 @pytest.mark.parametrize("schedule", ["layerwise", "joint"])
-def test_distill_schedules_reduce_loss_and_beat_chance(teacher, tmp_path, schedule):
+def test_distill_schedules_reduce_loss_and_beat_chance(teacher, tmp_path, schedule, monkeypatch):
+    from lasnn.distill import trainer
+
+    # Snapshot the student's weights whenever a stage starts (and at the end) to check what each trained.
+    snaps: list[dict[str, torch.Tensor]] = []
+    enter = trainer._Trainer._enter_stage
+
+    def spy(self, idx):
+        snaps.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        enter(self, idx)
+
+    monkeypatch.setattr(trainer._Trainer, "_enter_stage", spy)
     out = tmp_path / schedule
     res = distill(out=out, teacher=str(teacher), schedule=schedule, epochs=5, T=2, quiet=True,
                   **{**STUDENT, "batch_size": 32})
@@ -78,6 +89,16 @@ def test_distill_schedules_reduce_loss_and_beat_chance(teacher, tmp_path, schedu
         assert res["pairs"] == [["stage1", "stage1"], ["stage2", "stage2"]]
         assert stages == ["pair1", "pair2", "final", "final", "final"]
         assert "train_ce" not in recs[0] and recs[0]["train_attn"] > 0  # attention-only stage
+        assert len(snaps) == 3  # entering pair1, pair2, final
+
+        def changed(a, b, prefix):
+            return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix) and k.endswith("weight"))
+
+        start, pair2, final = snaps
+        assert changed(start, pair2, "body.stage1.") and not changed(start, pair2, "body.stage2.")
+        assert not changed(pair2, final, "body.stage1.")  # earlier block frozen (default earlier="freeze")
+        assert changed(pair2, final, "body.stage2.")
+        assert not changed(start, final, "body.fc.")  # the classifier waits for the final stage
     else:
         assert stages == ["joint"] * 5
     full = [r for r in recs if r["stage"] in ("final", "joint")]
@@ -230,7 +251,8 @@ def test_config_validation_and_round_trip():
     cfg = DistillConfig(teacher="t", pairs=["a:b"], T=2)
     assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     for bad, msg in [({"T": 0}, "T must be"), ({"schedule": "x"}, "schedule"), ({"beta": -1.0}, "beta"),
-                     ({"epochs": 0}, "epochs"), ({"pairs": []}, "pairs"), ({"encoding": "rate"}, "encoding")]:
+                     ({"epochs": 0}, "epochs"), ({"pairs": []}, "pairs"), ({"encoding": "rate"}, "encoding"),
+                     ({"grad_clip": -1.0}, "grad_clip"), ({"earlier": "thaw"}, "earlier")]:
         with pytest.raises(ValueError, match=msg):
             DistillConfig(teacher="t", **bad).validate()
     with pytest.raises(ValueError, match="unknown fields"):
