@@ -75,7 +75,9 @@ class Dataset:
             x = random_hflip(x, generator)
         return x
 
-    def prepare(self, x: torch.Tensor, generator: torch.Generator | None = None, *, augment: bool = False):
+    def prepare(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, *, augment: bool = False
+    ) -> torch.Tensor:
         """Raw batch -> model input (augmented first when ``augment``; needs ``generator`` then)."""
         if augment:
             if generator is None:
