@@ -20,7 +20,17 @@ Consequences of folding worth knowing: a module the forward calls twice (torchvi
 reuses one ``ReLU``) is one neuron module that runs a separate multi-step pass per call; dropout
 draws an independent mask per time step (SpikingJelly shares one mask over time); every replaced
 activation type (``ReLU6``, ``LeakyReLU``...) becomes the same spiking neuron, whose clipping/leak is
-the neuron's own; activations called functionally (``F.relu``) are invisible and stay analog.
+the neuron's own.
+
+Activations that would stay analog are refused by default (``on_analog="error"``; ``"warn"`` or
+``"ignore"`` accept a partly analog network): a hidden-activation module of a type not in
+``activations`` (``nn.GELU``, ``nn.SiLU``...; see :data:`ANALOG_MODULES`) is found when ``spikify``
+builds the SNN, and an activation applied as a function (``F.relu(x)``, ``torch.relu``, ``x.relu()``,
+``F.gelu``...; see :data:`ANALOG_FUNCTIONS`) outside the spiking sites is found on the SNN's first eager
+forward, which runs under a ``TorchFunctionMode`` that records such calls (forward code cannot be
+inspected without running it; torch.fx tracing fails on data-dependent control flow). Not detected:
+rectifiers spelled as other ops (``x.clamp(min=0)``, ``torch.maximum(x, 0)``) and a first forward that is
+already compiled (``torch.compile`` skips the check).
 """
 
 from __future__ import annotations
@@ -28,20 +38,47 @@ from __future__ import annotations
 import contextlib
 import copy as _copy
 import itertools
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lasnn.nn.encoders import DirectEncoder, PoissonEncoder, check_T
 from lasnn.nn.neurons import LIF
 from lasnn.ops.lif import lif
 
-__all__ = ["DEFAULT_ACTIVATIONS", "SNN", "FoldedNeuron", "default_neuron", "spikify"]
+__all__ = [
+    "ANALOG_FUNCTIONS", "ANALOG_MODULES", "DEFAULT_ACTIVATIONS", "SNN", "AnalogActivationWarning", "FoldedNeuron",
+    "default_neuron", "spikify",
+]
 
 #: Activation modules replaced by spiking neurons unless ``activations=`` says otherwise. Functional
-#: activations (``F.relu`` inside a forward) cannot be found and are not replaced.
+#: activations (``F.relu`` inside a forward) cannot be replaced; they are detected (see ``on_analog``).
 DEFAULT_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)
+
+#: Hidden-layer activation modules that stay analog when their type is not in ``activations``.
+#: Gates and output squashers (``Sigmoid``, ``Hardsigmoid``, ``Softmax``...) are not listed: analog
+#: gating (squeeze-excitation) is a deliberate design, not a forgotten ReLU.
+ANALOG_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Threshold, nn.Tanh,
+)
+
+#: ``__name__`` of the functions (``torch.*``, ``torch.nn.functional.*``, ``Tensor`` methods, in-place
+#: variants) that the first-forward check reports when called outside a spiking site.
+ANALOG_FUNCTIONS: frozenset[str] = frozenset({
+    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "prelu", "rrelu", "rrelu_", "elu", "elu_", "celu",
+    "celu_", "selu", "selu_", "gelu", "silu", "mish", "hardswish", "hardtanh", "hardtanh_", "softplus",
+    "threshold", "threshold_", "tanh", "tanh_",
+})
+
+_ON_ANALOG = ("error", "warn", "ignore")
+
+
+class AnalogActivationWarning(UserWarning):
+    """An activation of the ANN stays analog in the SNN (``spikify(..., on_analog="warn")``)."""
 
 _CONV_DIMS = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}
 
@@ -122,6 +159,83 @@ class FoldedNeuron(nn.Module):
         return f"T={self.T}" + (", streaming" if self._streaming else "")
 
 
+def _listing(items: list[str], limit: int = 6) -> str:
+    """Comma-separated, at most ``limit`` items then a count (a MobileNet has dozens of sites)."""
+    more = len(items) - limit
+    return ", ".join(items[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def _report_analog(what: str, on_analog: str, stacklevel: int) -> None:
+    """Raise (``on_analog="error"``) or warn about activations that stay analog.
+
+    ``stacklevel`` counts from the caller of this function to the user's code (for the warning's location).
+    """
+    fix = ("spikify replaces activation modules only: give every call site its own nn.ReLU module (or pass "
+           "activations= with your module types)")
+    if on_analog == "error":
+        raise ValueError(f"{what}; the SNN would be partly analog. {fix}, or pass on_analog='warn' / 'ignore' "
+                         "to accept a partly analog network")
+    if on_analog == "warn":
+        warnings.warn(f"{what}; they stay analog in the SNN. {fix}", AnalogActivationWarning, stacklevel=stacklevel + 1)
+
+
+class _AnalogCallRecorder(TorchFunctionMode):
+    """Counts calls of :data:`ANALOG_FUNCTIONS` made outside the spiking sites, by calling module.
+
+    The module stack comes from forward pre-/post-hooks on every module of the body; inside a
+    :class:`FoldedNeuron` (the neuron may use any op) or an analog module already reported by
+    ``spikify`` nothing is counted.
+    """
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.stack: list[str] = []
+        self.muted = 0
+        self.calls: dict[tuple[str, str], int] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> _AnalogCallRecorder:
+        for path, m in self.body.named_modules():
+            mute = isinstance(m, (FoldedNeuron, *ANALOG_MODULES))
+            where = f"{path or '<top>'} ({type(m).__name__})"
+            self._handles.append(m.register_forward_pre_hook(self._enter_hook(where, mute)))
+            self._handles.append(m.register_forward_hook(self._exit_hook(mute), always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _enter_hook(self, where: str, mute: bool) -> Callable[..., None]:
+        def hook(m: nn.Module, args: tuple) -> None:
+            self.stack.append(where)
+            self.muted += mute
+
+        return hook
+
+    def _exit_hook(self, mute: bool) -> Callable[..., None]:
+        def hook(m: nn.Module, args: tuple, out: object) -> None:
+            self.stack.pop()
+            self.muted -= mute
+
+        return hook
+
+    def __torch_function__(
+        self, func: Callable[..., object], types: tuple, args: tuple = (), kwargs: dict | None = None
+    ) -> object:
+        name = getattr(func, "__name__", "")
+        if name in ANALOG_FUNCTIONS and not self.muted:
+            key = (name, self.stack[-1] if self.stack else "<top>")
+            self.calls[key] = self.calls.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def summary(self) -> str:
+        return _listing([f"{name} x{n} in {where}" for (name, where), n in self.calls.items()])
+
+
 def _make_neuron_factory(neuron: object) -> Callable[[], nn.Module]:
     if neuron is None:
         return default_neuron
@@ -166,13 +280,23 @@ class SNN(nn.Module):
         encoder: turns ``[B, ...]`` into ``[T, B, ...]`` (``DirectEncoder``, ``PoissonEncoder`` or yours).
         T: time steps used for un-encoded input (settable; also updates the encoder's ``T``).
         input_dims: rank of one un-encoded input, e.g. 4 for ``[B, C, H, W]``.
+        on_analog: what the first eager forward does about activation functions called outside the
+            spiking sites (``"error"``, ``"warn"`` or ``"ignore"``; see :func:`spikify`).
+
+    Shapes: ``snn(x)`` maps ``[B, ...]`` (or encoded ``[T', B, ...]``) to ``[B, classes]``;
+    ``snn(x, return_steps=True)`` / ``snn.forward_steps(x)`` to per-step logits ``[T, B, classes]``.
     """
 
-    def __init__(self, body: nn.Module, T: int, encoder: nn.Module, input_dims: int) -> None:
+    def __init__(self, body: nn.Module, T: int, encoder: nn.Module, input_dims: int, on_analog: str = "error") -> None:
         super().__init__()
+        if on_analog not in _ON_ANALOG:
+            raise ValueError(f"on_analog must be one of {_ON_ANALOG}, got {on_analog!r}")
         self.body = body
         self.encoder = encoder
         self.input_dims = int(input_dims)
+        self.on_analog = on_analog
+        # the functional-activation check runs once, on the first eager forward (it needs real calls)
+        self._analog_check_pending = on_analog != "ignore"
         self._T = 1
         self.T = T
 
@@ -226,25 +350,41 @@ class SNN(nn.Module):
                 n._call = 0
 
     def forward(self, x: torch.Tensor, *, return_steps: bool = False) -> torch.Tensor:
-        """Run the SNN.
+        """Run the SNN from zero membranes (or, inside :meth:`streaming`, from the carried ones).
 
         Args:
-            x: ``[B, ...]`` (encoded to ``T`` steps) or ``[T', B, ...]`` (already encoded; ``T'`` steps).
-            return_steps: return the per-step outputs ``[T, B, classes]`` instead of their mean.
+            x: ``[B, ...]`` (encoded to ``self.T`` steps by the encoder) or ``[T', B, ...]`` (already
+                encoded: ``T'`` steps, ``self.T`` is not used).
+            return_steps: return the per-step outputs instead of their mean. Step ``t`` is the output
+                of the body at step ``t`` (the logits of a classifier), computed from the spikes of
+                steps ``0..t`` only, so ``out[:t+1].mean(0)`` is the prediction after ``t+1`` steps.
         Returns:
-            logits averaged over time ``[B, classes]`` (or ``[T, B, classes]`` with ``return_steps``).
+            logits averaged over time ``[B, classes]``, or per-step logits ``[T, B, classes]`` with
+            ``return_steps`` (``classes`` stands for whatever trailing shape the ANN's output has).
+        Raises:
+            ValueError for input of the wrong rank, and on the first eager call with
+            ``on_analog="error"`` when the body applies an activation function outside the spiking sites.
         """
         x_seq = self.encode(x)
         T, B = x_seq.shape[0], x_seq.shape[1]
         self._prepare(T)
-        out = self.body(x_seq.reshape(T * B, *x_seq.shape[2:]))
+        folded = x_seq.reshape(T * B, *x_seq.shape[2:])
+        if self._analog_check_pending and not torch.compiler.is_compiling():
+            with _AnalogCallRecorder(self.body) as rec:
+                out = self.body(folded)
+            if rec.calls:  # on "error" the check stays pending: every call refuses, not just the first
+                _report_analog(f"the ANN's forward applies activation functions outside any replaced module "
+                               f"({rec.summary()})", self.on_analog, stacklevel=4)
+            self._analog_check_pending = False
+        else:
+            out = self.body(folded)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the ANN's forward must return one tensor [B, ...], got {type(out).__name__}")
         out = out.reshape(T, B, *out.shape[1:])
         return out if return_steps else out.mean(0)
 
     def forward_steps(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-step outputs ``[T, B, classes]`` (same as ``forward(x, return_steps=True)``)."""
+        """Per-step logits, ``[B, ...]`` or ``[T, B, ...]`` -> ``[T, B, classes]``: forward(x, return_steps=True)."""
         return self.forward(x, return_steps=True)
 
     @contextlib.contextmanager
@@ -253,12 +393,19 @@ class SNN(nn.Module):
 
         Each call inside the block continues from the membranes the previous call left (detached, so
         gradients are truncated at chunk boundaries); the state is dropped when the block ends. Feed
-        already-encoded chunks ``[T_chunk, B, ...]`` for a long input, or ``[B, ...]`` to keep running on
-        the same stimulus for another ``T`` steps::
+        already-encoded chunks ``[T_chunk, B, ...]`` of a long input ``[T, B, ...]`` (chunk lengths may
+        differ), or ``[B, ...]`` to keep running on the same stimulus for another ``self.T`` steps. Every
+        call returns the outputs of its own steps only: ``[T_chunk, B, classes]`` with
+        ``return_steps=True``, else their mean ``[B, classes]``. Concatenating the per-step outputs of
+        the chunks gives exactly the per-step outputs of one call on the whole sequence::
 
             with snn.streaming():
-                for chunk in x_seq.split(4):            # x_seq: [T, B, ...]
-                    step_logits.append(snn(chunk, return_steps=True))
+                step_logits = [snn(chunk, return_steps=True) for chunk in x_seq.split(4)]  # x_seq: [T, B, ...]
+            torch.cat(step_logits)  # [T, B, classes] == snn(x_seq, return_steps=True)
+
+        The batch size and per-sample shape must stay fixed inside one block (ValueError otherwise);
+        :meth:`reset_state` starts over without leaving the block. Needs neurons that can return their
+        membrane (``lasnn.nn.LIF``/``IF`` or ``forward_stateful``, see :class:`FoldedNeuron`).
         """
         neurons = self.neurons()
         for n in neurons:
@@ -288,6 +435,7 @@ def spikify(
     copy: bool = True,
     activations: tuple[type[nn.Module], ...] = DEFAULT_ACTIVATIONS,
     input_dims: int | None = None,
+    on_analog: str = "error",
 ) -> SNN:
     """Build a multi-step SNN from an ANN's own modules; the ANN is left untouched.
 
@@ -298,19 +446,28 @@ def spikify(
         neuron: spiking neuron for every replaced activation: None (LaSNN LIF, see :func:`default_neuron`),
             a multi-step module such as ``lasnn.nn.LIF(...)``/``lasnn.nn.IF(...)`` (deep-copied per layer), or a
             zero-argument factory returning one.
-        encoding: ``"direct"`` (input repeated T times), ``"poisson"`` (Bernoulli spikes, see
-            ``lasnn.nn.PoissonEncoder``) or an encoder module mapping ``[B, ...]`` to ``[T, B, ...]``.
-        seed: seed of the Poisson encoder's generator (None: the global RNG).
+        encoding: how un-encoded input ``[B, ...]`` becomes ``[T, B, ...]``: ``"direct"`` (the analog input
+            repeated T times; the first layer generates the spikes), ``"poisson"`` (rate coding: spikes in
+            {0, 1} drawn at every step with probability = the input min-max scaled to [0, 1] per sample,
+            see ``lasnn.nn.PoissonEncoder``), or an encoder module mapping ``[B, ...]`` to ``[T, B, ...]``.
+        seed: seed of the Poisson encoder's own generator: a fresh stream per SNN, continuing from call to
+            call (every batch gets new spikes, the run is reproducible). None: the global torch RNG.
         copy: deep-copy the weights (default). ``False`` shares parameters *and* buffers (batch-norm
             running statistics) with ``ann``, so training one trains the other.
         activations: module types replaced by neurons (default ``nn.ReLU``, ``nn.ReLU6``, ``nn.LeakyReLU``).
         input_dims: rank of one un-encoded input (4 for ``[B, C, H, W]``); inferred from the first conv or
             linear layer when None.
+        on_analog: what to do about activations that would stay analog (see the module docstring):
+            ``"error"`` (default; ValueError), ``"warn"`` (:class:`AnalogActivationWarning`) or ``"ignore"``.
+            Modules of an :data:`ANALOG_MODULES` type not in ``activations`` are found here; activation
+            functions (``F.relu``...) called outside the spiking sites on the SNN's first eager forward.
     Returns:
-        an :class:`SNN`: ``snn(x [B, ...]) -> [B, classes]`` (time-averaged), ``snn(x, return_steps=True)``
-        -> ``[T, B, classes]``; already-encoded input ``[T, B, ...]`` is accepted as is.
+        an :class:`SNN`: ``snn(x [B, ...]) -> [B, classes]`` (logits averaged over T),
+        ``snn(x, return_steps=True)`` -> per-step logits ``[T, B, classes]``; already-encoded input
+        ``[T, B, ...]`` is accepted as is; ``with snn.streaming():`` carries membranes across calls.
     Raises:
-        TypeError/ValueError for a bad argument, or when ``ann`` has no activation module to replace.
+        TypeError/ValueError for a bad argument; ValueError when ``ann`` has no activation module to replace
+        or (``on_analog="error"``) has an activation module that would stay analog.
     """
     if not isinstance(ann, nn.Module):
         raise TypeError(f"ann must be an nn.Module, got {type(ann).__name__}")
@@ -340,6 +497,8 @@ def spikify(
             )
     elif isinstance(input_dims, bool) or not isinstance(input_dims, int) or input_dims < 1:
         raise ValueError(f"input_dims must be an int >= 1, got {input_dims!r}")
+    if on_analog not in _ON_ANALOG:
+        raise ValueError(f"on_analog must be one of {_ON_ANALOG}, got {on_analog!r}")
     if isinstance(ann, activations):
         raise ValueError("ann is itself an activation; wrap the layers in an nn.Module")
 
@@ -362,4 +521,9 @@ def spikify(
             f"ann has no activation module to replace (looked for {names}). Activations applied functionally "
             "(F.relu / torch.relu inside forward) cannot be replaced: use nn.ReLU modules, or pass activations="
         )
-    return SNN(body, T, encoder, input_dims)
+    analog = [f"{path} ({type(m).__name__})" for path, m in body.named_modules()
+              if isinstance(m, ANALOG_MODULES) and not isinstance(m, FoldedNeuron)]
+    if analog:
+        _report_analog(f"ann has activation modules of types not in activations=: {_listing(analog)}", on_analog,
+                       stacklevel=2)
+    return SNN(body, T, encoder, input_dims, on_analog)
