@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lasnn.nn.spikify import SNN, FoldedNeuron
+from lasnn.ops._common import check_float
 
 __all__ = ["E_AC_PJ", "E_MAC_PJ", "LayerProfile", "Profile", "profile"]
 
@@ -188,8 +189,9 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
 
     Args:
         model: an :class:`SNN` from ``lasnn.spikify`` (or ``lasnn.convert``), or any ANN.
-        x: its input, ``[B, ...]`` (an SNN also takes encoded ``[T, B, ...]``).
-        e_mac_pj, e_ac_pj: energy per MAC / per accumulate, pJ.
+        x: its input, ``[B, ...]`` (an SNN also takes encoded ``[T, B, ...]``); every number is per sample,
+            averaged over the ``B`` samples.
+        e_mac_pj, e_ac_pj: energy per MAC / per accumulate, pJ (finite, >= 0).
     Returns:
         :class:`Profile` (``print(p)`` for the table; ``p.layers``, ``p.totals``, ``p.to_dict()``).
     """
@@ -197,6 +199,10 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    for name, e in (("e_mac_pj", e_mac_pj), ("e_ac_pj", e_ac_pj)):
+        if check_float(name, e) < 0:
+            raise ValueError(f"{name} must be >= 0, got {e}")
+    e_mac_pj, e_ac_pj = float(e_mac_pj), float(e_ac_pj)
     is_snn = isinstance(model, SNN)
     net = model.body if is_snn else model
     if is_snn:

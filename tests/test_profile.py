@@ -20,6 +20,15 @@ from torch import nn
 import lasnn
 from lasnn.profile import E_AC_PJ, E_MAC_PJ
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intraop_thread():
+    # tiny nets: a second intra-op thread only spin-waits on a loaded 2-core box (see test_spikify.py)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 T = 2
 CONV_MACS = 32 * 1 * 9  # 2x4x4 outputs, 1 input channel, 3x3 kernel (padding taps counted, as usual)
 RATE = 12 / 64
@@ -67,6 +76,8 @@ def test_hand_counted_direct_encoding():
     assert p.totals["firing_rate"] == pytest.approx(RATE)
     assert p.firing_rates == {"1": pytest.approx(RATE)}
     assert p.totals["sops"] == pytest.approx(36.0) and p.totals["mac_ops"] == CONV_MACS
+    custom = lasnn.profile(snn, _image(), e_mac_pj=1.0, e_ac_pj=0.0)  # energies are parameters, not constants
+    assert custom.energy_pj == pytest.approx(CONV_MACS) and custom.ann_energy_pj == pytest.approx(CONV_MACS + 96)
     text = str(p)
     assert "total" in text and "1.36nJ" in text and "1.77nJ" in text
     json.dumps(p.to_dict())
@@ -137,3 +148,7 @@ def test_bad_input():
         lasnn.profile(snn, torch.zeros(4, 4))
     with pytest.raises(ValueError, match="at least one sample"):
         lasnn.profile(snn, torch.zeros(0, 1, 4, 4))
+    with pytest.raises(ValueError, match="e_mac_pj must be >= 0"):
+        lasnn.profile(snn, _image(), e_mac_pj=-1.0)
+    with pytest.raises(TypeError, match="e_ac_pj must be a float"):
+        lasnn.profile(snn, _image(), e_ac_pj="0.9")
