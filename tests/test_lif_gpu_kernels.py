@@ -13,8 +13,12 @@ the reference, with an error bound of a multiple of the same-dtype reference's o
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,7 +45,7 @@ CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Membrane margin (in float64 units of the threshold's scale) inside which fp32 arithmetic may legally
 # decide a spike differently from float64; such neurons are counted, bounded, and left out.
 NEAR_MARGIN = 1e-4
-MAX_NEAR_FRACTION = 0.02
+MAX_NEAR_FRACTION = 0.005  # of the T x N elements
 # v_last against the same-dtype reference: both compute in fp32 and round once to the storage dtype, so
 # they differ by fp32 op-order noise (fp32) or at most about one rounding step (fp16/bf16).
 V_LAST_TOL = {
@@ -85,9 +89,12 @@ def _near_neurons(x: torch.Tensor, v0: torch.Tensor | None, kw: dict) -> torch.T
     _, _, h = lif_reference(x.double().cpu(), None if v0 is None else v0.double().cpu(), return_h=True, **kw)
     if h.shape[0] == 0:
         return torch.zeros(x.shape[1:], dtype=torch.bool)
-    near = ((h - kw["v_threshold"]).abs() < NEAR_MARGIN).any(dim=0)
+    near_el = (h - kw["v_threshold"]).abs() < NEAR_MARGIN
+    near = near_el.any(dim=0)
     if near.numel():
-        assert near.float().mean().item() <= MAX_NEAR_FRACTION, f"{int(near.sum())} near-threshold neurons"
+        # Bounded, never ignored wholesale: few such elements, and most neurons still compared.
+        assert near_el.float().mean().item() <= MAX_NEAR_FRACTION, f"{int(near_el.sum())} near-threshold elements"
+        assert near.float().mean().item() <= 0.5, f"{int(near.sum())} of {near.numel()} neurons near the threshold"
     return near
 
 
@@ -510,3 +517,271 @@ def test_triton_kernels_compile_for_hopper(dtype):
     # H stays in registers: no local-memory (stack/spill) traffic, and each step loads x and grad_spikes once.
     ptx = k.asm["ptx"]
     assert "ld.local" not in ptx and "st.local" not in ptx
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA C++ kernels executed on the CPU. csrc/cuda/lif.cu compiles its kernels as host code under
+# LASNN_LIF_HOST_EMULATION; the harness below runs every thread of every block one after another (a
+# valid schedule: the kernels have no barriers and each thread owns its scratch slots), with shared
+# memory NaN-filled per block. This checks the kernels' indexing, vector packs, tails, the shared-memory
+# layout, the in-place H-in-grad_x path, the fp32 scratch of fp16/bf16 and the launch plan, on machines
+# without a GPU. It cannot check what only hardware shows (fast-math rounding, the memory model).
+
+ROOT = Path(__file__).resolve().parents[1]
+_EMU_SRC = r"""
+// Host emulation harness of csrc/cuda/lif.cu (see LASNN_LIF_HOST_EMULATION there).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+struct LasnnEmuDim {
+  unsigned int x = 0, y = 0, z = 0;
+};
+static LasnnEmuDim threadIdx, blockIdx, blockDim;
+static unsigned char* lasnn_emu_smem = nullptr;
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define LASNN_LIF_HOST_EMULATION
+#define LASNN_DYNAMIC_SMEM(name) unsigned char* name = lasnn_emu_smem
+#include "cuda/lif.cu"
+
+namespace {
+using lasnn::LIFParams;
+using lasnn::Storage;
+
+template <typename S>
+constexpr int kVecOf = 16 / sizeof(S);
+
+template <typename S, int VEC>
+void fwd_grid(const S* x, const S* v0, S* s, S* vl, int64_t T, int64_t N,
+              const LIFParams<typename Storage<S>::acc_t>& P) {
+  const int threads = lasnn::kThreads;
+  const int64_t blocks = lasnn::ceil_div(lasnn::ceil_div(N, VEC), threads);
+  blockDim.x = threads;
+  for (int64_t b = 0; b < blocks; ++b) {
+    blockIdx.x = static_cast<unsigned int>(b);
+    for (int t = 0; t < threads; ++t) {
+      threadIdx.x = t;
+      lasnn::lif_fwd_kernel<S, VEC>(x, v0, s, vl, T, N, P);
+    }
+  }
+}
+
+template <typename S>
+int fwd(bool force_scalar, const void* x, const void* v0, void* s, void* vl, int64_t T, int64_t N, double tau,
+        double vth, double vr, bool soft, bool decay) {
+  using acc_t = typename Storage<S>::acc_t;
+  const auto P = lasnn::make_params<acc_t>(tau, vth, vr, soft, decay, false, 0, 1.0);
+  constexpr int kVec = kVecOf<S>;
+  const bool vec = !force_scalar && N % kVec == 0 && lasnn::aligned16(x) && lasnn::aligned16(v0) &&
+                   lasnn::aligned16(s) && lasnn::aligned16(vl);
+  if (vec) {
+    fwd_grid<S, kVec>((const S*)x, (const S*)v0, (S*)s, (S*)vl, T, N, P);
+    return kVec;
+  }
+  fwd_grid<S, 1>((const S*)x, (const S*)v0, (S*)s, (S*)vl, T, N, P);
+  return 1;
+}
+
+template <typename S, int VEC>
+void bwd_grid(int threads, bool smem, const S* gs, const S* gvl, const S* x, const S* v0, S* gx, S* gv0,
+              typename Storage<S>::acc_t* hbuf, int64_t T, int64_t N, const LIFParams<typename Storage<S>::acc_t>& P) {
+  using acc_t = typename Storage<S>::acc_t;
+  const int64_t blocks = lasnn::ceil_div(lasnn::ceil_div(N, VEC), threads);
+  std::vector<acc_t> block_smem(smem ? static_cast<size_t>(threads) * VEC * T : 0);
+  blockDim.x = threads;
+  for (int64_t b = 0; b < blocks; ++b) {
+    // Fresh garbage for every block: a slot read before being written shows up as NaN.
+    std::fill(block_smem.begin(), block_smem.end(), std::numeric_limits<acc_t>::quiet_NaN());
+    lasnn_emu_smem = reinterpret_cast<unsigned char*>(block_smem.data());
+    blockIdx.x = static_cast<unsigned int>(b);
+    for (int t = 0; t < threads; ++t) {
+      threadIdx.x = t;
+      if (smem) {
+        lasnn::lif_bwd_kernel<S, VEC, true>(gs, gvl, x, v0, gx, gv0, nullptr, T, N, P);
+      } else {
+        lasnn::lif_bwd_kernel<S, VEC, false>(gs, gvl, x, v0, gx, gv0, hbuf, T, N, P);
+      }
+    }
+  }
+}
+
+// Returns vec * 10000 + threads * 10 + smem: the path the real launcher would take (or the forced one).
+template <typename S>
+int bwd(bool force_scalar, bool force_global, const void* gs_, const void* gvl_, const void* x_, const void* v0_,
+        void* gx_, void* gv0_, int64_t T, int64_t N, double tau, double vth, double vr, bool soft, bool decay,
+        bool detach, int64_t surrogate, double alpha) {
+  using acc_t = typename Storage<S>::acc_t;
+  constexpr int kVec = kVecOf<S>;
+  const auto P = lasnn::make_params<acc_t>(tau, vth, vr, soft, decay, detach, surrogate, alpha);
+  auto gs = (const S*)gs_, gvl = (const S*)gvl_, x = (const S*)x_, v0 = (const S*)v0_;
+  auto gx = (S*)gx_, gv0 = (S*)gv0_;
+  const bool can_vec = !force_scalar && N % kVec == 0 && lasnn::aligned16(gs) && lasnn::aligned16(gvl) &&
+                       lasnn::aligned16(x) && lasnn::aligned16(v0) && lasnn::aligned16(gx) && lasnn::aligned16(gv0);
+  lasnn::BwdPlan plan = lasnn::plan_bwd(T, can_vec ? kVec : 1, sizeof(acc_t));
+  if (force_global) plan = {can_vec ? kVec : 1, lasnn::kThreads, false};
+  std::vector<float> scratch;
+  acc_t* hbuf = nullptr;
+  if (!plan.smem) {
+    if constexpr (sizeof(S) == sizeof(acc_t)) {
+      hbuf = reinterpret_cast<acc_t*>(gx);
+    } else {
+      scratch.assign(static_cast<size_t>(T * N), std::numeric_limits<float>::quiet_NaN());
+      hbuf = reinterpret_cast<acc_t*>(scratch.data());
+    }
+  }
+  if (plan.vec == kVec && kVec > 1) {
+    bwd_grid<S, kVec>(plan.threads, plan.smem, gs, gvl, x, v0, gx, gv0, hbuf, T, N, P);
+  } else {
+    bwd_grid<S, 1>(plan.threads, plan.smem, gs, gvl, x, v0, gx, gv0, hbuf, T, N, P);
+  }
+  return plan.vec * 10000 + plan.threads * 10 + (plan.smem ? 1 : 0);
+}
+}  // namespace
+
+extern "C" int lasnn_emu_fwd(int dtype, int force_scalar, const void* x, const void* v0, void* s, void* vl, int64_t T,
+                             int64_t N, double tau, double vth, double vr, int soft, int decay) {
+  switch (dtype) {
+    case 0: return fwd<float>(force_scalar, x, v0, s, vl, T, N, tau, vth, vr, soft, decay);
+    case 1: return fwd<double>(force_scalar, x, v0, s, vl, T, N, tau, vth, vr, soft, decay);
+    case 2: return fwd<__half>(force_scalar, x, v0, s, vl, T, N, tau, vth, vr, soft, decay);
+    default: return fwd<__nv_bfloat16>(force_scalar, x, v0, s, vl, T, N, tau, vth, vr, soft, decay);
+  }
+}
+
+extern "C" int lasnn_emu_bwd(int dtype, int force_scalar, int force_global, const void* gs, const void* gvl,
+                             const void* x, const void* v0, void* gx, void* gv0, int64_t T, int64_t N, double tau,
+                             double vth, double vr, int soft, int decay, int detach, int64_t surrogate, double alpha) {
+#define LASNN_EMU_BWD(S)                                                                                     \
+  bwd<S>(force_scalar, force_global, gs, gvl, x, v0, gx, gv0, T, N, tau, vth, vr, soft, decay, detach, surrogate, \
+         alpha)
+  switch (dtype) {
+    case 0: return LASNN_EMU_BWD(float);
+    case 1: return LASNN_EMU_BWD(double);
+    case 2: return LASNN_EMU_BWD(__half);
+    default: return LASNN_EMU_BWD(__nv_bfloat16);
+  }
+}
+"""
+_EMU_DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _cuda_include_dir() -> str | None:
+    """A directory with cuda_fp16.h (the kernels' half types work in host code too)."""
+    cands = [os.path.join(os.environ[k], "include") for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]
+    cands.append("/usr/local/cuda/include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.append(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include"))
+    return next((c for c in cands if os.path.exists(os.path.join(c, "cuda_fp16.h"))), None)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    inc = _cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("needs a C++ compiler and the CUDA headers (cuda_fp16.h)")
+    d = tmp_path_factory.mktemp("lif_cuda_emu")
+    (d / "emu.cpp").write_text(_EMU_SRC)
+    cmd = [cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-fno-strict-aliasing", f"-I{ROOT / 'csrc'}", f"-I{inc}"]
+    subprocess.run([*cmd, str(d / "emu.cpp"), "-o", str(d / "emu.so")], check=True, capture_output=True, text=True)
+    lib = ctypes.CDLL(str(d / "emu.so"))
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double
+    lib.lasnn_emu_fwd.argtypes = [i, i, p, p, p, p, i64, i64, f, f, f, i, i]
+    lib.lasnn_emu_bwd.argtypes = [i, i, i, p, p, p, p, p, p, i64, i64, f, f, f, i, i, i, i64, f]
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
+def _emu_ops(lib, force_scalar: bool, force_global: bool, paths: list):
+    """(fwd, bwd) with the signatures of lasnn::lif_fwd / lif_bwd, running the emulated CUDA kernels."""
+
+    def fwd(x, v0, tau, vth, vr, soft, decay):
+        T, N = x.shape
+        s, vl = torch.empty_like(x), torch.empty(N, dtype=x.dtype)
+        args = (_ptr(x), _ptr(v0), _ptr(s), _ptr(vl), T, N, tau, vth, vr, soft, decay)
+        paths.append(("fwd", lib.lasnn_emu_fwd(_EMU_DT[x.dtype], force_scalar, *args)))
+        return s, vl
+
+    def bwd(gs, gvl, x, v0, tau, vth, vr, soft, decay, detach, surrogate, alpha):
+        T, N = x.shape
+        gx, gv = torch.empty_like(x), torch.empty(N, dtype=x.dtype)
+        args = (_ptr(gs), _ptr(gvl), _ptr(x), _ptr(v0), _ptr(gx), _ptr(gv), T, N, tau, vth, vr, soft, decay)
+        code = lib.lasnn_emu_bwd(_EMU_DT[x.dtype], force_scalar, force_global, *args, detach, surrogate, alpha)
+        paths.append(("bwd", (code // 10000, code % 10000 // 10, bool(code % 10))))
+        return gx, gv
+
+    return fwd, bwd
+
+
+# (T, N): N = 64 is a multiple of every vector width, 37 / 1031 of none; T = 30 needs 64-thread blocks
+# for fp32 vectors, T = 100 the scalar 64-thread shared-memory path, T = 200 the global H scratch.
+EMU_SHAPES = [(1, 1), (4, 37), (4, 64), (30, 64), (100, 64), (200, 16), (3, 1031)]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: f"T{s[0]}N{s[1]}")
+@pytest.mark.parametrize("mode", ["plan", "scalar", "global"])
+def test_cuda_kernels_host_emulation(emu, dtype, shape, mode):
+    paths: list = []
+    fwd, bwd = _emu_ops(emu, mode == "scalar", mode == "global", paths)
+    x, v0 = _inputs(*shape, dtype, "cpu", seed=sum(shape))
+    for soft in (False, True):
+        kw = _kw(2.0, soft, True)
+        _check_forward(fwd, x, v0, kw)
+        _check_backward(bwd, x, v0, kw, "sigmoid", 4.0, False, with_gvl=soft)
+    if mode == "global":
+        assert all(not p[1][2] for p in paths if p[0] == "bwd")
+
+
+@pytest.mark.parametrize("surrogate", list(SURROGATES))
+@pytest.mark.parametrize("detach", [False, True], ids=["attached", "detach"])
+@pytest.mark.parametrize("decay", [True, False], ids=["decay", "nodecay"])
+@pytest.mark.parametrize("mode", ["plan", "global"])
+def test_cuda_kernels_host_emulation_flags(emu, surrogate, detach, decay, mode):
+    _, bwd = _emu_ops(emu, False, mode == "global", [])
+    x, v0 = _inputs(6, 64, torch.float32, "cpu", seed=2)
+    for soft in (False, True):
+        _check_backward(bwd, x, v0, _kw(2.0, soft, decay), surrogate, 2.0, detach, with_gvl=decay)
+    x, _ = _inputs(7, 64, torch.float32, "cpu", seed=4)
+    _check_backward(bwd, x, None, _kw(math.inf, True, decay), surrogate, 2.0, detach)
+
+
+@pytest.mark.parametrize(
+    "dtype,T,N,plan",
+    [
+        (torch.float32, 4, 64, (4, 128, True)),  # 16-byte vectors, 128 threads, H in shared memory
+        (torch.float32, 30, 64, (4, 64, True)),
+        (torch.float32, 100, 64, (1, 64, True)),
+        (torch.float32, 200, 64, (4, 128, False)),  # global H scratch (grad_x itself)
+        (torch.float32, 4, 37, (1, 128, True)),  # N not a multiple of 4: scalar
+        (torch.float16, 4, 64, (8, 128, True)),  # 8 halves per 16-byte pack, fp32 H
+        (torch.float16, 16, 64, (8, 64, True)),  # 128 x 8 x 16 x 4 bytes = 64 KiB > 48 KiB: 64 threads
+        (torch.bfloat16, 300, 64, (8, 128, False)),  # global: an fp32 H scratch
+        (torch.float64, 4, 64, (2, 128, True)),
+    ],
+    ids=lambda v: _id(v) if isinstance(v, torch.dtype) else str(v),
+)
+def test_cuda_backward_launch_plan(emu, dtype, T, N, plan):
+    paths: list = []
+    _, bwd = _emu_ops(emu, False, False, paths)
+    x, v0 = _inputs(T, N, dtype, "cpu")
+    bwd(torch.ones_like(x), None, x, v0, 2.0, 1.0, 0.0, False, True, False, 0, 4.0)
+    assert paths[-1][1] == plan

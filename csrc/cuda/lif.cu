@@ -20,6 +20,12 @@
 //
 // Math: csrc/lasnn_math.h (shared with csrc/cpu/lif.cpp); oracle: lasnn/reference/lif.py.
 // Headers are kept light on purpose (no ATen/ATen.h, no ATen/cuda/CUDAContext.h): see DESIGN.md.
+//
+// LASNN_LIF_HOST_EMULATION (tests only): compiles just the kernels and the pure helpers, as host code,
+// so that tests/test_lif_gpu_kernels.py can execute every kernel path thread by thread on a machine
+// without a GPU. The kernels have no barriers, so running the threads one after another is a valid
+// schedule. The build never defines it.
+#ifndef LASNN_LIF_HOST_EMULATION
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -27,9 +33,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#define LASNN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -154,7 +162,7 @@ __global__ void __launch_bounds__(128) lif_bwd_kernel(const scalar_t* __restrict
                                                       LIFParams<typename Storage<scalar_t>::acc_t> P) {
   using acc_t = typename Storage<scalar_t>::acc_t;
   // gx and hbuf may alias (fp32/fp64 global path), hence no __restrict__ on them.
-  extern __shared__ __align__(16) unsigned char lasnn_lif_smem[];
+  LASNN_DYNAMIC_SMEM(lasnn_lif_smem);
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (n0 >= N) return;  // no barrier below, so early exit is safe
   acc_t* hs;  // this thread's H slots: (t, j) at hs[t * stride_t + j * (SMEM ? blockDim.x : 1)]
@@ -228,6 +236,48 @@ __global__ void __launch_bounds__(128) lif_bwd_kernel(const scalar_t* __restrict
 constexpr int kThreads = 128;
 constexpr int64_t kSmemBudget = 48 * 1024;  // the default per-block limit: no opt-in attribute needed
 
+// Same derivation as csrc/cpu/lif.cpp so that both backends run the same arithmetic.
+template <typename acc_t>
+LIFParams<acc_t> make_params(double tau, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
+                             bool detach_reset, int64_t surrogate, double alpha) {
+  LIFParams<acc_t> P;
+  P.inv_tau = std::isinf(tau) ? acc_t(0) : acc_t(1.0 / tau);
+  P.v_threshold = acc_t(v_threshold);
+  P.v_reset = acc_t(v_reset);
+  P.soft_reset = soft_reset;
+  P.decay_input = decay_input && !std::isinf(tau);  // IF neuron: H = V + X
+  P.detach_reset = detach_reset;
+  P.surrogate = surrogate;
+  P.alpha = acc_t(alpha);
+  return P;
+}
+
+// Backward launch plan. Shared-memory path: the widest vector, then the largest block (128 or 64
+// threads) whose H scratch fits the budget (fp32: T <= 24 with 16-byte vectors and 128 threads, up to
+// T = 192 scalar with 64; fp64 half of that). Below 64 threads per block too few loads would be in
+// flight per SM; the global path (more traffic, full occupancy) is then the faster choice.
+struct BwdPlan {
+  int vec;
+  int threads;
+  bool smem;
+};
+
+BwdPlan plan_bwd(int64_t T, int max_vec, int64_t acc_bytes) {
+  const int vecs[2] = {max_vec, 1};
+  for (const int vec : vecs) {
+    for (int threads = kThreads; threads >= 64; threads /= 2) {
+      if (static_cast<int64_t>(threads) * vec * T * acc_bytes <= kSmemBudget) return {vec, threads, true};
+    }
+  }
+  return {max_vec, kThreads, false};
+}
+
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+#ifndef LASNN_LIF_HOST_EMULATION
+
 void check_lif_inputs(const at::Tensor& x, const std::optional<at::Tensor>& v_init, double tau, double v_threshold,
                       double v_reset, double alpha, const char* op) {
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [T, N] (the caller flattens), got shape ", x.sizes());
@@ -248,26 +298,6 @@ void check_lif_inputs(const at::Tensor& x, const std::optional<at::Tensor>& v_in
   TORCH_CHECK_VALUE(std::isfinite(v_reset), op, ": v_reset must be finite, got ", v_reset);
   TORCH_CHECK_VALUE(alpha > 0 && std::isfinite(alpha), op, ": alpha must be finite and > 0, got ", alpha);
 }
-
-// Same derivation as csrc/cpu/lif.cpp so that both backends run the same arithmetic.
-template <typename acc_t>
-LIFParams<acc_t> make_params(double tau, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
-                             bool detach_reset, int64_t surrogate, double alpha) {
-  LIFParams<acc_t> P;
-  P.inv_tau = std::isinf(tau) ? acc_t(0) : acc_t(1.0 / tau);
-  P.v_threshold = acc_t(v_threshold);
-  P.v_reset = acc_t(v_reset);
-  P.soft_reset = soft_reset;
-  P.decay_input = decay_input && !std::isinf(tau);  // IF neuron: H = V + X
-  P.detach_reset = detach_reset;
-  P.surrogate = surrogate;
-  P.alpha = acc_t(alpha);
-  return P;
-}
-
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Blocks for `groups` thread-groups of `threads`; gridDim.x is limited to 2^31 - 1.
 unsigned int grid_blocks(int64_t groups, int threads) {
@@ -352,40 +382,24 @@ void launch_bwd(const at::Tensor& gs_t, const at::Tensor& gvl_t, const at::Tenso
   const bool can_vec = N % kVec == 0 && aligned16(gs) && aligned16(gvl) && aligned16(xp) && aligned16(v0) &&
                        aligned16(gx) && aligned16(gv0);
 
-  // Shared-memory path: the widest vector, then the largest block (128 or 64 threads) whose scratch fits
-  // the budget (fp32: T <= 24 with 16-byte vectors and 128 threads, up to T = 192 scalar with 64).
-  // Below 64 threads per block too few loads would be in flight per SM; the global path (more
-  // traffic, full occupancy) is then the faster choice.
-  const int vecs[2] = {can_vec ? kVec : 1, 1};
-  for (int vi = 0; vi < 2; ++vi) {
-    const int vec = vecs[vi];
-    for (int threads = kThreads; threads >= 64; threads /= 2) {
-      if (static_cast<int64_t>(threads) * vec * T * static_cast<int64_t>(sizeof(acc_t)) > kSmemBudget) continue;
-      if (vec == kVec && kVec > 1) {
-        launch_bwd_vec<scalar_t, kVec>(threads, true, gs, gvl, xp, v0, gx, gv0, nullptr, T, N, P, stream);
-      } else {
-        launch_bwd_vec<scalar_t, 1>(threads, true, gs, gvl, xp, v0, gx, gv0, nullptr, T, N, P, stream);
-      }
-      return;
+  const BwdPlan plan = plan_bwd(T, can_vec ? kVec : 1, sizeof(acc_t));
+  // Global path: H goes into grad_x when it has the accumulation type, else into an fp32 scratch (see
+  // the file comment for why not into a 16-bit grad_x). Alignment of its vectorised accesses: n0 and N
+  // are multiples of VEC, and grad_x (checked by can_vec) and a fresh allocation are 16-byte aligned.
+  at::Tensor scratch;
+  acc_t* hbuf = nullptr;
+  if (!plan.smem) {
+    if constexpr (sizeof(scalar_t) == sizeof(acc_t)) {
+      hbuf = reinterpret_cast<acc_t*>(gx);
+    } else {
+      scratch = at::empty({T, N}, x.options().dtype(at::kFloat));
+      hbuf = reinterpret_cast<acc_t*>(scratch.mutable_data_ptr());
     }
   }
-
-  // Global path (long sequences). H goes into grad_x when it has the accumulation type, else into a
-  // fp32 scratch (see the file comment for why not into a 16-bit grad_x).
-  // Alignment of the vectorised H accesses: n0 and N are multiples of VEC, and both grad_x (checked by
-  // can_vec) and a fresh allocation start on a 16-byte (fp32 scratch: >= 256-byte) boundary.
-  at::Tensor scratch;
-  acc_t* hbuf;
-  if constexpr (sizeof(scalar_t) == sizeof(acc_t)) {
-    hbuf = reinterpret_cast<acc_t*>(gx);
+  if (plan.vec == kVec && kVec > 1) {
+    launch_bwd_vec<scalar_t, kVec>(plan.threads, plan.smem, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, P, stream);
   } else {
-    scratch = at::empty({T, N}, x.options().dtype(at::kFloat));
-    hbuf = reinterpret_cast<acc_t*>(scratch.mutable_data_ptr());
-  }
-  if (can_vec) {
-    launch_bwd_vec<scalar_t, kVec>(kThreads, false, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, P, stream);
-  } else {
-    launch_bwd_vec<scalar_t, 1>(kThreads, false, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, P, stream);
+    launch_bwd_vec<scalar_t, 1>(plan.threads, plan.smem, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, P, stream);
   }
   // scratch is freed here while the kernel may still run: the caching allocator reuses the block
   // only for work queued later on this same stream, which is ordered after the kernel.
@@ -460,11 +474,15 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cuda(const at::Tensor& grad_spikes_,
   return {grad_x, grad_v_init};
 }
 
+#endif  // LASNN_LIF_HOST_EMULATION
+
 }  // namespace
 
+#ifndef LASNN_LIF_HOST_EMULATION
 TORCH_LIBRARY_IMPL(lasnn, CUDA, m) {
   m.impl("lif_fwd", &lif_fwd_cuda);
   m.impl("lif_bwd", &lif_bwd_cuda);
 }
+#endif
 
 }  // namespace lasnn
