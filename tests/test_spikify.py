@@ -369,6 +369,28 @@ def test_encoded_input_and_streaming():
     torch.testing.assert_close(two, long, rtol=1e-12, atol=1e-12)
 
 
+def test_streaming_with_if_neurons():
+    # IF is an LIF with tau = inf: streaming carries its membrane through lasnn.lif(..., return_v=True) too
+    ann = _calibrated("digits_cnn_small", 1.0)
+    snn = spikify(ann, T=4, neuron=IF(v_threshold=1.0, surrogate="triangle", alpha=1.0))
+    x_seq = 2 * torch.randn(4, 2, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        full = snn(x_seq, return_steps=True)
+        with snn.streaming():
+            parts = torch.cat([snn(c, return_steps=True) for c in x_seq.split(2)])
+    torch.testing.assert_close(parts, full, rtol=1e-12, atol=1e-12)
+
+    class OwnDynamics(LIF):  # a subclass's forward_stateful is used, not the plain LIF op
+        def forward_stateful(self, x_seq, v_init):
+            s, v = lasnn.lif(x_seq, v_init, tau=self.tau, return_v=True)
+            return 2 * s, v
+
+    s2 = spikify(ann, T=2, neuron=OwnDynamics())
+    with torch.no_grad(), s2.streaming():
+        outs = _neuron_outputs(s2, x_seq[0])
+    assert outs and all(bool(((o == 0) | (o == 2)).all()) for o in outs) and any(o.max() == 2 for o in outs)
+
+
 def test_streaming_rejects_changed_batch_and_stateless_neuron():
     snn = spikify(create("digits_cnn_small"), T=2)
     with snn.streaming(), torch.no_grad():
@@ -596,6 +618,17 @@ def test_input_rank_inference():
     with pytest.raises(ValueError, match="input_dims"):
         spikify(flat_first, T=2)
     assert spikify(flat_first, T=2, input_dims=3)(torch.randn(5, 4, 4)).shape == (5, 3)
+
+    class HeadFirst(nn.Module):  # classifier registered before the conv: a conv still decides the rank
+        def __init__(self):
+            super().__init__()
+            self.fc, self.conv, self.act = nn.Linear(18, 3), nn.Conv2d(1, 2, 3), nn.ReLU()
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)).flatten(1))
+
+    snn = spikify(HeadFirst(), T=2)
+    assert snn.input_dims == 4 and snn(torch.randn(5, 1, 5, 5)).shape == (5, 3)
 
 
 def test_features_errors_and_tap():

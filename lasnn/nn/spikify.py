@@ -136,13 +136,13 @@ class FoldedNeuron(nn.Module):
                 f"{tuple(v.shape)}; keep the batch size and input size fixed within one streaming() block"
             )
         n = self.neuron
-        if isinstance(n, LIF):
+        if hasattr(n, "forward_stateful"):  # first: a LIF subclass with its own dynamics defines it
+            spikes, v_last = n.forward_stateful(x_seq, v)
+        elif isinstance(n, LIF):  # lasnn.nn.LIF and IF (an LIF with tau = inf)
             spikes, v_last = lif(
                 x_seq, v, tau=n.tau, v_threshold=n.v_threshold, v_reset=n.v_reset, decay_input=n.decay_input,
                 detach_reset=n.detach_reset, surrogate=n.surrogate, alpha=n.alpha, return_v=True, backend=n.backend,
             )
-        elif hasattr(n, "forward_stateful"):
-            spikes, v_last = n.forward_stateful(x_seq, v)
         else:
             raise TypeError(
                 f"streaming needs a lasnn.nn.LIF/IF neuron or one with forward_stateful(x_seq, v_init), "
@@ -258,12 +258,18 @@ def _make_neuron_factory(neuron: object) -> Callable[[], nn.Module]:
 
 
 def _infer_input_dims(ann: nn.Module) -> int | None:
-    """Rank of one un-encoded input ``[B, ...]``, from the first conv/linear layer; None if ambiguous."""
-    flatten_seen = False
+    """Rank of one un-encoded input ``[B, ...]``; None if ambiguous.
+
+    Module registration order need not be execution order (a classifier may be registered before the
+    convs), so any conv decides first (``Conv2d`` -> 4); a net without convs takes ``[B, features]`` (2)
+    unless a flatten is registered before its first linear layer.
+    """
     for m in ann.modules():
         for cls, dims in _CONV_DIMS.items():
             if isinstance(m, cls):
                 return dims
+    flatten_seen = False
+    for m in ann.modules():
         if isinstance(m, nn.Flatten):
             flatten_seen = True
         elif isinstance(m, nn.Linear):
