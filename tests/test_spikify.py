@@ -462,7 +462,8 @@ def test_poisson_spikify_is_seeded():
 # ---------------------------------------------------------------------------------------- torch.compile
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_torch_compile_matches_eager(backend):
     # fullgraph=True: encoding, time folding, the LIF op (backend chosen at trace time) and the first-forward
     # analog check (skipped while compiling) must all trace without a graph break.
     # aot_eager: dynamo + AOTAutograd through the ops' fake kernels and autograd.Function, without the
@@ -470,7 +471,7 @@ def test_torch_compile_matches_eager():
     # 108 s wall / 19 s CPU on the loaded 2-core box, results equal to eager).
     torch.manual_seed(0)
     ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
-    snn = spikify(ann, T=2)
+    snn = spikify(ann, T=2, neuron=LIF(decay_input=False, surrogate="triangle", alpha=1.0, backend=backend))
     x = 2 * torch.randn(4, 1, 8, 8)
     compiled = torch.compile(snn, backend="aot_eager", fullgraph=True)
     y_c = compiled(x)
