@@ -11,10 +11,12 @@ additions and neuron updates are not counted):
 - a layer reading the (analog, non-spike) network input does real MACs at ``4.6 pJ``; with direct
   encoding that input is the same at every step, so it is counted once (``T_eff = 1``), otherwise
   ``T`` times;
-- an inner layer whose input is not spikes but lies in [0, 1] reads averaged spikes (average pooling
-  of spike maps, e.g. the classifier after a global average pool): its firing rate is the mean of its
-  input (average pooling preserves it) and it is counted as spike-driven; other analog inputs count
-  as MACs.
+- a layer that runs after a spiking neuron (in execution order) and whose input is not spikes but lies
+  in [0, 1] reads averaged spikes (average pooling of spike maps, e.g. the classifier after a global
+  average pool): its firing rate is the mean of its input (average pooling preserves it) and it is
+  counted as spike-driven. Every other non-spike input is analog and counts as MACs; this includes
+  layers before the first neuron that read a transformed network input (``x * 0.5``, a normalisation
+  inside ``forward``), however small its values.
 
 The ANN reference is ``4.6 pJ x`` all MACs of one pass. Neuron rows report the firing rate of their
 output spikes (fraction of neuron-steps that fire).
@@ -215,7 +217,7 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
 
     rows: list[LayerProfile] = []
     calls: dict[str, int] = {}
-    net_input: list[torch.Tensor] = []
+    neuron_ran = [False]  # set once any spiking site has run: only then can an input be averaged spikes
 
     def name_of(path: str) -> str:
         calls[path] = calls.get(path, 0) + 1
@@ -226,10 +228,9 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
             inp = args[0]
             macs = _macs_per_item(m, out)
             rate = _spike_rate(inp) if is_snn else None
-            reads_input = bool(net_input) and inp is net_input[0]
             if is_snn and rate is not None:
                 kind, steps, sops, mac_ops = "spikes", T, rate * T * macs, 0.0
-            elif is_snn and not reads_input and inp.numel() and bool(((inp >= 0) & (inp <= 1)).all()):
+            elif is_snn and neuron_ran[0] and inp.numel() and bool(((inp >= 0) & (inp <= 1)).all()):
                 rate = float(inp.float().mean())
                 kind, steps, sops, mac_ops = "rates", T, rate * T * macs, 0.0
             else:
@@ -249,11 +250,12 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
             if rate is None:  # graded output: report the fraction of active neuron-steps
                 rate = float((out != 0).float().mean()) if out.numel() else 0.0
             per_sample = out.numel() // (T * B)
+            neuron_ran[0] = True
             rows.append(LayerProfile(name_of(path), "neuron", "-", 0, rate, T, 0.0, 0.0, 0.0, per_sample))
 
         return hook
 
-    handles = [net.register_forward_pre_hook(lambda m, args: net_input.append(args[0]) if not net_input else None)]
+    handles = []
     for path, m in net.named_modules():
         if isinstance(m, _SYNAPTIC):
             handles.append(m.register_forward_hook(syn_hook(path)))

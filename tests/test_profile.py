@@ -113,6 +113,18 @@ def test_hand_counted_encoded_inputs():
     assert conv.input == "spikes" and conv.firing_rate == pytest.approx(enc.mean().item())
 
 
+def test_transformed_input_before_the_first_neuron_is_analog():
+    # forward code that scales the image first: the conv reads a new tensor whose values lie in [0, 1],
+    # but nothing has spiked yet, so it is analog input (MACs once: constant over time), not spike rates.
+    class Scaled(nn.Sequential):
+        def forward(self, x):
+            return super().forward(0.5 * x)
+
+    p = lasnn.profile(lasnn.spikify(Scaled(*_net(pool=False)), T=T), _image())
+    conv = _rows(p)["0"]
+    assert (conv.input, conv.firing_rate, conv.steps, conv.sops, conv.mac_ops) == ("analog", None, 1, 0, CONV_MACS)
+
+
 def test_ann_profile_counts_all_macs():
     p = lasnn.profile(_net(pool=False), _image())
     assert [r.input for r in p.layers] == ["analog", "analog"]
