@@ -18,7 +18,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "student"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lasnn", "distill", "--dataset", "synthetic", "--teacher", str(teacher), "--width", "0.5",
-           "--batch-size", "32", "--epochs", "5", "--stage-epochs", "1", "--T", "2", "--beta", "100",
+           "--batch-size", "32", "--epochs", "5", "--stage-epochs", "1", "--T", "2",
            "--device", "cpu", "--out", str(out)]
     # one thread per process: two processes share the two cores of the build machine
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -102,7 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="layerwise: one attention stage per pair, then all terms (default); joint: all terms")
     p.add_argument("--pairs", default=_S,
                    help="'auto' (match stages by order/resolution) or a list 'sstage:tstage,...'")
-    p.add_argument("--beta", type=float, default=_S, help="weight of each attention loss (default 1000)")
+    p.add_argument("--beta", type=float, default=_S,
+                   help="weight of each attention loss (default: 1000 for cifar10/cifar100/tinyimagenet as in the "
+                        "paper, 100 for the small built-in data sets, whose tiny maps make the loss larger)")
     p.add_argument("--p", dest="p", type=float, default=_S, help="attention map exponent (default 2)")
     p.add_argument("--time-reduce", dest="time_reduce", choices=["mean", "per_step"], default=_S,
                    help="student map from the firing rate (mean, default) or per time step")

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DistillConfig", "TeacherConfig", "config_from_dict"]
+__all__ = ["DEFAULT_BETA", "DistillConfig", "TeacherConfig", "config_from_dict", "default_beta"]
 
 SCHEDULES = ("layerwise", "joint")
 ENCODINGS = ("direct", "poisson")
@@ -84,6 +84,13 @@ class DistillConfig(TeacherConfig):
     student up to that block; earlier blocks ``freeze`` or train at ``earlier_lr_scale`` x lr), then the
     remaining epochs train everything on CE + KD (+ attention if ``final_attention``). ``joint``: all
     terms for all ``epochs``. ``stage_epochs=None``: ``max(1, epochs // (2 * pairs))``.
+
+    ``beta=None`` resolves per data set (and config.json records the value used): 1000 (the attention-
+    transfer and LaSNN value) for cifar10/cifar100/tinyimagenet, 100 for the small built-in sets. The loss
+    is a mean over map positions, so its size grows as maps shrink; with 8x8/4x4 digit maps and length
+    40/20/10 MNIST-1D maps, beta=1000 swamps CE and inflates the weights of the batch-normalised convs
+    (which then barely learn). Measured, student T=4, 30 epochs on digits: layerwise beta=1000 90.3%,
+    beta=100 98.6%, CE+KD only 98.9% (teacher 99.4%).
     """
 
     teacher: str = ""
@@ -91,7 +98,7 @@ class DistillConfig(TeacherConfig):
     T: int = 4
     schedule: str = "layerwise"
     pairs: str | list[str] = "auto"
-    beta: float = 1000.0
+    beta: float | None = None
     p: float = 2.0
     time_reduce: str = "mean"
     kd_temperature: float = 4.0
@@ -121,13 +128,24 @@ class DistillConfig(TeacherConfig):
             not isinstance(self.pairs, list) or not self.pairs or not all(isinstance(s, str) and s for s in self.pairs)
         ):
             raise ValueError(f"pairs must be 'auto' or a non-empty list of 'student:teacher' names, got {self.pairs!r}")
-        _check_pos("beta", self.beta, allow_zero=True)
+        if self.beta is not None:
+            _check_pos("beta", self.beta, allow_zero=True)
         _check_pos("p", self.p)
         _check_pos("kd_temperature", self.kd_temperature)
         _check_pos("kd_weight", self.kd_weight, allow_zero=True)
         _check_pos("earlier_lr_scale", self.earlier_lr_scale)
         if self.stage_epochs is not None:
             _check_int("stage_epochs", self.stage_epochs, 1)
+
+
+#: attention-loss weight when ``beta`` is None, per data set (see ``DistillConfig``)
+DEFAULT_BETA: dict[str, float] = {"cifar10": 1000.0, "cifar100": 1000.0, "tinyimagenet": 1000.0}
+_SMALL_DATA_BETA = 100.0
+
+
+def default_beta(dataset: str) -> float:
+    """The attention weight a run on ``dataset`` uses when none is given."""
+    return DEFAULT_BETA.get(dataset, _SMALL_DATA_BETA)
 
 
 def config_from_dict(d: dict[str, Any]) -> TeacherConfig:

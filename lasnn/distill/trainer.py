@@ -41,7 +41,7 @@ from lasnn.distill.checkpoint import (
     set_module_generator_states,
     set_rng_state,
 )
-from lasnn.distill.config import DistillConfig, TeacherConfig, config_from_dict
+from lasnn.distill.config import DistillConfig, TeacherConfig, config_from_dict, default_beta
 from lasnn.distill.dist import DistEnv, setup_distributed
 from lasnn.distill.taps import TappedModel, match_pairs, parameters_reaching
 
@@ -108,6 +108,8 @@ def _resolve_names(cfg: TeacherConfig, ds: Dataset) -> TeacherConfig:
     if isinstance(cfg, DistillConfig):
         if cfg.student is None:
             cfg.student = _default_models(ds.name)[1]
+        if cfg.beta is None:
+            cfg.beta = default_beta(ds.name)
     elif cfg.model is None:
         cfg.model = _default_models(ds.name)[0]
     return cfg
@@ -616,7 +618,7 @@ def _check_resume_compatible(saved: TeacherConfig, cls: type, explicit: dict[str
     if unknown:
         raise TypeError(f"unknown {cls.__name__} field(s) {unknown}")
     diff = [k for k, v in explicit.items() if k not in _MACHINE_FIELDS and a[k] != v
-            and not (k in ("model", "student") and v is None)]
+            and not (k in ("model", "student", "beta") and v is None)]
     if diff:
         raise RunError("--resume: these settings differ from the run's config.json: "
                        + ", ".join(f"{k}={explicit[k]!r} (run: {a[k]!r})" for k in diff))
