@@ -375,7 +375,9 @@ class SNN(nn.Module):
         T, B = x_seq.shape[0], x_seq.shape[1]
         self._prepare(T)
         folded = x_seq.reshape(T * B, *x_seq.shape[2:])
-        if self._analog_check_pending and not torch.compiler.is_compiling():
+        # is_compiling() first: Dynamo then never reads the flag, so no guard on it and no recompile
+        # when an eager call clears it
+        if not torch.compiler.is_compiling() and self._analog_check_pending:
             with _AnalogCallRecorder(self.body) as rec:
                 out = self.body(folded)
             if rec.calls:  # on "error" the check stays pending: every call refuses, not just the first
