@@ -60,6 +60,12 @@ class PoissonEncoder(nn.Module):
     with ``seed`` on first use; successive calls continue that stream, so a run is reproducible while
     every call (every training batch) draws fresh spikes. ``reseed()`` restarts the stream. With
     ``seed=None`` the global torch RNG is used.
+
+    ``torch.compile`` cannot trace the encoder's own generator: with ``seed`` set, encoding is a graph
+    break (an error under ``fullgraph=True``). Encode outside the compiled region and pass the spikes,
+    e.g. ``torch.compile(snn, fullgraph=True)(snn.encode(x))``; ``seed=None`` traces.
+
+    Shapes: ``[B, ...]`` -> ``[T, B, ...]``, spikes in {0, 1} with x's dtype and device.
     """
 
     def __init__(self, T: int, *, seed: int | None = None, scale: str = "minmax") -> None:
