@@ -80,6 +80,7 @@ _ON_ANALOG = ("error", "warn", "ignore")
 class AnalogActivationWarning(UserWarning):
     """An activation of the ANN stays analog in the SNN (``spikify(..., on_analog="warn")``)."""
 
+
 _CONV_DIMS = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}
 
 
