@@ -467,8 +467,8 @@ def test_torch_compile_matches_eager(backend):
     # fullgraph=True: encoding, time folding, the LIF op (backend chosen at trace time) and the first-forward
     # analog check (skipped while compiling) must all trace without a graph break.
     # aot_eager: dynamo + AOTAutograd through the ops' fake kernels and autograd.Function, without the
-    # inductor C++ compilation (measured by hand for this net, forward+backward with fullgraph=True:
-    # 108 s wall / 19 s CPU on the loaded 2-core box, results equal to eager).
+    # inductor C++ compilation (checked by hand for this net with fullgraph=True: results equal to eager;
+    # first forward+backward 39-108 s wall depending on load, ~20 s CPU, on the shared 2-core box).
     torch.manual_seed(0)
     ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
     snn = spikify(ann, T=2, neuron=LIF(decay_input=False, surrogate="triangle", alpha=1.0, backend=backend))
