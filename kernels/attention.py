@@ -2,7 +2,8 @@
 
     feat [T, B, C, S] -> time_mean: m[b, s]    = 1/C sum_c |1/T sum_t feat[t, b, c, s]|^p
                          per step:  m[t, b, s] = 1/C sum_c |feat[t, b, c, s]|^p
-    backward:           grad_feat = grad_m / (C T) * p |mean_t feat|^(p-1) sign(.)   (same for every t)
+    backward:           grad_feat = grad_m / (C T) * p |mean_t feat|^(p-1) sign(.)   (same for every t:
+                                    one [1, B, C, S] slab is written and returned expanded over T)
                                   = grad_m[t] / C  * p |feat_t|^(p-1) sign(.)         (per step)
 
 One program per (row, spatial block): rows are b (time mean) or t*B + b (per step, where T' = 1 since
@@ -101,11 +102,8 @@ if triton is not None:
             for _t in range(0, TT):
                 tm += tl.load(pt, mask=mask, other=0.0).to(tl.float32)
                 pt += tstride
-            val = (gs * _abs_pow_grad(tm * inv_t, p, POW)).to(gx_ptr.dtype.element_ty)
-            qt = qc
-            for _t in range(0, TT):
-                tl.store(qt, val, mask=mask)
-                qt += tstride
+            # The same gradient for every step: one store, the launcher expands it over T.
+            tl.store(qc, (gs * _abs_pow_grad(tm * inv_t, p, POW)).to(gx_ptr.dtype.element_ty), mask=mask)
             pc += S
             qc += S
 
@@ -155,13 +153,17 @@ def attention_map_bwd_triton(grad_map: torch.Tensor, feat: torch.Tensor, p: floa
         raise ValueError(f"attention_map_bwd_triton: grad_map must have shape {shape}, got {tuple(grad_map.shape)}")
     feat = feat.contiguous()
     g = grad_map.to(torch.float32).contiguous()
-    grad_feat = torch.empty_like(feat, memory_format=torch.contiguous_format)
-    if grad_feat.numel() == 0:
-        return grad_feat
+    # Time mean: every step has the same gradient, so one [1, B, C, S] slab is written and expanded.
+    if time_mean:
+        grad_feat = torch.empty((1, B, C, S), dtype=feat.dtype, device=feat.device)
+    else:
+        grad_feat = torch.empty_like(feat, memory_format=torch.contiguous_format)
+    if grad_feat.numel() == 0 or feat.numel() == 0:
+        return grad_feat.expand(feat.shape) if time_mean else grad_feat
     rows, tt = (B, T) if time_mean else (T * B, 1)
     blk = _block(S)
     grid = (rows, triton.cdiv(S, blk))
     _attention_map_bwd_kernel[grid](
         g, feat, grad_feat, C, S, tt, B * C * S, float(p), 1.0 / (C * tt), POW=_pow_kind(p), BLOCK=blk,
     )
-    return grad_feat
+    return grad_feat.expand(feat.shape) if time_mean else grad_feat

@@ -139,6 +139,8 @@ def test_raw_op_matches_reference(backend, device, time_mean, p):
             grad = _randn(*m.shape, seed=2, dtype=m.dtype, device=device)
             gx = bwd(grad, feat, p, time_mean)
             assert gx.shape == feat.shape and gx.dtype == feat.dtype
+            if time_mean and T > 1:  # the same gradient for every step: written once, expanded over T
+                assert gx.stride(0) == 0
             ref_m, ref_g = _ref_fwd_bwd(feat, grad, p, time_mean, dtype)
             m64, g64 = _ref_fwd_bwd(feat, grad, p, time_mean, torch.float64)
             tag = f"{backend} {_id(dtype)} {shape}"

@@ -11,6 +11,8 @@
 // in that accumulation type. The backward reads feat and grad_map once and writes grad_feat once:
 //   grad_feat[t, b, c, s] = grad_map[b, s] / (C T) * p |m_c|^(p-1) sign(m_c)     (m_c = mean_t feat)
 //                         = grad_map[t, b, s] / C * p |feat|^(p-1) sign(feat)     (per step)
+// In the time-mean mode the gradient is the same for every t: one [1, B, C, S] slab is written and
+// returned expanded to [T, B, C, S] (stride 0 over T), a quarter of the writes at T = 4.
 // Math: csrc/attention_math.h; oracle: lasnn/reference/attention.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -124,14 +126,10 @@ void bwd_impl(const acc_t* g, const scalar_t* x, scalar_t* gx, int64_t R, int64_
             _Pragma("omp simd")
             for (int64_t i = 0; i < n; ++i) tm[i] += acc_t(xt[i]);
           }
+          // Every step gets the same gradient (the time mean is linear): gx holds one step, which the
+          // caller returns expanded over T.
           _Pragma("omp simd")
-          for (int64_t i = 0; i < n; ++i) tm[i] = gs[i] * abs_pow_grad<PK, acc_t>(tm[i] * inv_t, p);
-          // Every step gets the same gradient (the time mean is linear).
-          for (int64_t t = 0; t < TT; ++t) {
-            scalar_t* gt = gc + t * tstride;
-            _Pragma("omp simd")
-            for (int64_t i = 0; i < n; ++i) gt[i] = scalar_t(tm[i]);
-          }
+          for (int64_t i = 0; i < n; ++i) gc[i] = scalar_t(gs[i] * abs_pow_grad<PK, acc_t>(tm[i] * inv_t, p));
         }
       }
     }
@@ -182,8 +180,12 @@ at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map_, const at::Tensor& 
   const at::Tensor feat = feat_.contiguous();
   const at::Tensor g = grad_map_.to(map_dtype(feat.scalar_type())).contiguous();
   const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
-  at::Tensor grad_feat = at::empty_like(feat, at::MemoryFormat::Contiguous);
-  if (grad_feat.numel() == 0) return grad_feat;
+  // Time mean: every step's gradient is the same, so one [1, B, C, S] slab is written and returned
+  // expanded over T (stride 0), as torch's own mean backward does: a student-sized write (and the page
+  // faults of a fresh student-sized buffer) saved; consumers that need it dense materialise it.
+  at::Tensor grad_feat =
+      time_mean ? at::empty({1, B, C, S}, feat.options()) : at::empty_like(feat, at::MemoryFormat::Contiguous);
+  if (grad_feat.numel() == 0 || feat.numel() == 0) return time_mean ? grad_feat.expand({T, B, C, S}) : grad_feat;
   const int64_t R = time_mean ? B : T * B;
   const int64_t TT = time_mean ? T : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "attention_map_bwd_cpu", [&] {
@@ -195,7 +197,7 @@ at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map_, const at::Tensor& 
       bwd_impl<decltype(pk)::value, scalar_t, acc_t>(gp, x, gx, R, TT, C, S, B * C * S, acc_t(p));
     });
   });
-  return grad_feat;
+  return time_mean ? grad_feat.expand({T, B, C, S}) : grad_feat;
 }
 
 }  // namespace

@@ -9,8 +9,9 @@
 // reads 32 consecutive elements: coalesced), threadIdx.y = 0..kSplitC-1 splits the channels so that
 // kSplitC loads are in flight per position; the partial sums meet in shared memory. The features are
 // read once, in fp32 (fp64 for fp64) accumulators; nothing of their size is allocated.
-// Backward: one thread per (row, c, s): reads the T values, writes the T gradients (all equal in the
-// time-mean mode, since the mean is linear): one read of feat and grad_map, one write of grad_feat.
+// Backward: one thread per (row, c, s): reads the T values and writes one gradient. In the time-mean
+// mode the gradient is the same for every step (the mean is linear), so one [1, B, C, S] slab is written
+// and returned expanded over T: one read of feat and grad_map, one write of grad_feat's distinct values.
 // Math: csrc/attention_math.h (shared with csrc/cpu/attention.cpp); oracle: lasnn/reference/attention.py.
 // Headers kept light on purpose (no ATen/ATen.h, no ATen/cuda/CUDAContext.h): see DESIGN.md.
 #include <ATen/core/Tensor.h>
@@ -86,8 +87,8 @@ attention_map_bwd_kernel(const acc_type<scalar_t>* __restrict__ g, const scalar_
     acc_t tm = acc_t(0);
     for (int64_t t = 0; t < TT; ++t) tm += static_cast<acc_t>(x[i + t * tstride]);
     const acc_t v = g[r * S + s] * scale * abs_pow_grad<PK, acc_t>(tm * inv_t, p);
-    const scalar_t vs = static_cast<scalar_t>(v);
-    for (int64_t t = 0; t < TT; ++t) gx[i + t * tstride] = vs;
+    // One write: gx is [R, C, S] (per step: R = T*B; time mean: the one step the caller expands over T).
+    gx[i] = static_cast<scalar_t>(v);
   }
 }
 
@@ -168,8 +169,11 @@ at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map_, const at::Tensor&
   const at::Tensor feat = feat_.contiguous();
   const at::Tensor g = grad_map_.to(map_dtype(feat.scalar_type())).contiguous();
   const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
-  at::Tensor grad_feat = at::empty_like(feat, at::MemoryFormat::Contiguous);
-  if (grad_feat.numel() == 0) return grad_feat;
+  // Time mean: every step's gradient is the same; one [1, B, C, S] slab is written and returned
+  // expanded over T (stride 0), as torch's mean backward does.
+  at::Tensor grad_feat =
+      time_mean ? at::empty({1, B, C, S}, feat.options()) : at::empty_like(feat, at::MemoryFormat::Contiguous);
+  if (grad_feat.numel() == 0 || feat.numel() == 0) return time_mean ? grad_feat.expand({T, B, C, S}) : grad_feat;
   const int64_t R = time_mean ? B : T * B;
   const int64_t TT = time_mean ? T : 1;
   const int64_t n = R * C * S;
@@ -189,7 +193,7 @@ at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map_, const at::Tensor&
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad_feat;
+  return time_mean ? grad_feat.expand({T, B, C, S}) : grad_feat;
 }
 
 }  // namespace

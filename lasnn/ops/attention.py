@@ -38,6 +38,9 @@ def _fake_fwd(feat, p, time_mean):
 
 
 def _fake_bwd(grad_map, feat, p, time_mean):
+    # Time mean: every step has the same gradient; the kernels write one step and expand it over T.
+    if time_mean:
+        return feat.new_empty((1, *feat.shape[1:])).expand(feat.shape)
     return torch.empty_like(feat, memory_format=torch.contiguous_format)
 
 
