@@ -84,6 +84,9 @@ def plot_latency(
     if teacher_acc is not None:
         ax.axhline(100 * teacher_acc, color="k", ls="--", lw=1, label=f"teacher ANN ({100 * teacher_acc:.2f}%)")
     ax.set_xscale("log", base=2)
+    t_max = max((max(c) for c in curves.values() if c), default=1)
+    ticks = [2**k for k in range(t_max.bit_length())]
+    ax.set_xticks(ticks, [str(t) for t in ticks])  # plain step counts read better than 2^k
     ax.set_xlabel("time steps T (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
