@@ -1,7 +1,8 @@
 """Benchmark of the attention-transfer loss: fused raw map (cpu / triton / cuda backends) against the unfused
 PyTorch composition (the ``reference`` backend, lasnn/reference/attention.py), forward + backward.
 
-Run: ``pytest benches/bench_attention.py --benchmark-json=out.json`` (add ``-k cpu`` etc. to select rows).
+Run: ``pytest benches/ -k attention --benchmark-json=out.json`` (``-k "attention and cpu"`` etc. to select
+rows; naming the file directly collects it twice through benches/conftest.py's collection hook).
 
 Cases (issue 3): student spikes ``[T=4, B=64, C=128, 32, 32]`` against a teacher ``[64, 256, 32, 32]``
 (equal grids) and against a teacher ``[64, 256, 16, 16]`` (mismatched: the student's raw map is pooled),
@@ -14,17 +15,17 @@ Each row records in ``extra_info``:
   ``*_over_student`` divides them by the student's size. The backward must return a student-sized
   gradient, so a fused fwd+bwd peak of about 1.0x the student is the minimum; the forward should stay
   far below 1.0x ("no temporary of the student's full size");
-- ``gbps``: effective bandwidth of the minimal design, bytes = 2 reads of the student + 1 write of its
-  gradient + 1 read of the teacher, over the median time;
+- ``gbps`` (and ``copy_gbps``, ``fraction_of_copy_bw`` from benches/conftest.py's ``record``): effective
+  bandwidth of the minimal design, bytes = 2 reads of the student + 1 write of its gradient (1/T of it
+  in the time-mean mode, where the gradient is one step expanded over T) + 1 read of the teacher;
 - ``speedup_vs_reference``: median of the reference row / median of this row, same case, same run;
-- device, torch/triton versions, thread count.
+- device, versions, thread count (``record``), and ``thp_mem_alloc`` (THP_MEM_ALLOC_ENABLE).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 
 import pytest
@@ -57,7 +58,7 @@ def _inputs(case: str):
     return s, t
 
 
-def _sync():
+def _sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
 
@@ -87,7 +88,7 @@ def _peak_bytes(fn) -> int:
     return max(m["Total Allocated"] for m in mem) - base
 
 
-def _info(benchmark, backend: str, case: str, time_reduce: str, s: torch.Tensor, t: torch.Tensor) -> None:
+def _peaks(backend: str, time_reduce: str, s: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
     student_bytes = s.numel() * s.element_size()
 
     def fwd():
@@ -99,37 +100,21 @@ def _info(benchmark, backend: str, case: str, time_reduce: str, s: torch.Tensor,
         torch.autograd.grad(loss, s)
 
     pf, pfb = _peak_bytes(fwd), _peak_bytes(fwdbwd)
-    benchmark.extra_info.update(
-        backend=backend,
-        case=case,
-        time_reduce=time_reduce,
-        student=list(STUDENT),
-        teacher=list(TEACHERS[case]),
+    return dict(
         student_bytes=student_bytes,
         peak_fwd_bytes=pf,
         peak_fwdbwd_bytes=pfb,
         peak_fwd_over_student=round(pf / student_bytes, 4),
         peak_fwdbwd_over_student=round(pfb / student_bytes, 4),
-        device=torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(),
-        # Transparent huge pages for large CPU tensors (c10 reads THP_MEM_ALLOC_ENABLE): with them a fresh
-        # student-sized gradient costs about 3x fewer page faults, which dominate the fused backward on CPU.
-        thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
-        torch=torch.__version__,
     )
-    try:
-        import triton
-
-        benchmark.extra_info["triton"] = triton.__version__
-    except Exception:
-        pass
 
 
 @pytest.mark.parametrize("time_reduce", ["mean", "per_step"])
 @pytest.mark.parametrize("case", list(TEACHERS))
 @pytest.mark.parametrize("backend", _backends())
-def test_attention_loss_fwd_bwd(benchmark, backend, case, time_reduce):
+def test_attention_loss_fwd_bwd(benchmark, record, backend, case, time_reduce):
     s, t = _inputs(case)
+    device = torch.device(DEVICE)
 
     def step():
         loss = lasnn.attention_loss(s, t, time_reduce=time_reduce, backend=backend)
@@ -140,9 +125,21 @@ def test_attention_loss_fwd_bwd(benchmark, backend, case, time_reduce):
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median
     _medians[(backend, case + time_reduce)] = median
-    moved = 3 * s.numel() * s.element_size() + t.numel() * t.element_size()
-    benchmark.extra_info["gbps"] = round(moved / median / 1e9, 2)
+    extra = {}
     ref = _medians.get(("reference", case + time_reduce))
     if ref is not None and backend != "reference":
-        benchmark.extra_info["speedup_vs_reference"] = round(ref / median, 2)
-    _info(benchmark, backend, case, time_reduce, s, t)
+        extra["speedup_vs_reference"] = round(ref / median, 2)
+    student_bytes = s.numel() * s.element_size()
+    # Minimal design: the student read by the forward and again by the backward, its gradient written
+    # (a [1, B, C, S] slab expanded over T in the time-mean mode), the teacher read once.
+    grad_bytes = student_bytes // s.shape[0] if time_reduce == "mean" else student_bytes
+    moved = 2 * student_bytes + grad_bytes + t.numel() * t.element_size()
+    record(
+        device, moved, student_bytes,
+        backend=backend, case=case, time_reduce=time_reduce, student=list(STUDENT), teacher=list(TEACHERS[case]),
+        # Transparent huge pages for large CPU tensors (c10 reads THP_MEM_ALLOC_ENABLE): fewer page faults
+        # when a fresh gradient buffer is first written, which weighs on every row's backward on CPU.
+        thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        **extra,
+        **_peaks(backend, time_reduce, s, t),
+    )
