@@ -1,26 +1,185 @@
 // Fused multi-step LIF forward/backward on CPU: the time loop runs inside one call, the membrane
 // of a block of neurons stays in a small stack array, and threads split the neurons (at::parallel_for,
-// OpenMP). The inner loops over a block are plain arrays of the accumulation type, which gcc
-// vectorises. Math: csrc/lasnn_math.h; oracle: lasnn/reference/lif.py.
+// OpenMP). Math: csrc/lasnn_math.h; oracle: lasnn/reference/lif.py.
+//
+// Speed notes (measured in benches/bench_lif.py):
+// - The neuron flags (reset kind, decay_input, detach_reset, surrogate) are template parameters, so
+//   every inner loop is branch-free straight-line code that gcc vectorises; with runtime flags the
+//   backward was 3-10x slower (a switch per element defeats vectorisation).
+// - The surrogate's exp must vectorise without SSE4.1 (no vector floor in the x86-64 baseline), so the
+//   CPU loops use `vec_exp`, the same Cody-Waite + polynomial as lasnn::fast_exp but rounding with the
+//   2^23 magic constant instead of std::floor. The two agree to within an ulp or two (the rounding mode
+//   of the reduction differs only at exact .5 ties, which the polynomial absorbs).
+// - The kernels are compiled twice: for the x86-64 baseline and for AVX2 (+AVX-512 on the machines
+//   that have it), chosen at run time with __builtin_cpu_supports, so the wheel still runs everywhere
+//   while setup.py keeps plain -O3. FMA is not enabled: contracting a*b+c would round differently
+//   from the reference (and from the baseline path), moving spikes that sit exactly at threshold.
+#ifndef LASNN_LIF_CPU_BODY
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <type_traits>
 
 #include "lasnn_math.h"
 
 namespace lasnn {
+namespace cpu_lif {
+
+// Arguments of one kernel call, flattened to raw pointers by the launcher. Pointers are typed by
+// the template parameter at the call site; acc_t is float for fp16/bf16/fp32 and double for fp64.
+template <typename scalar_t, typename acc_t>
+struct FwdArgs {
+  const scalar_t* x;     // [T, N]
+  const scalar_t* v0;    // [N] or nullptr (zeros)
+  scalar_t* spikes;      // [T, N]
+  scalar_t* v_last;      // [N]
+  int64_t T, N;
+  LIFParams<acc_t> P;
+};
+
+template <typename scalar_t, typename acc_t>
+struct BwdArgs {
+  const scalar_t* gs;    // [T, N]
+  const scalar_t* gvl;   // [N] or nullptr (zeros)
+  const scalar_t* x;     // [T, N]
+  const scalar_t* v0;    // [N] or nullptr (zeros)
+  scalar_t* gx;          // [T, N]
+  scalar_t* gv0;         // [N]
+  int64_t T, N;
+  LIFParams<acc_t> P;
+};
+
+}  // namespace cpu_lif
+}  // namespace lasnn
+
+// ---- The ISA-specific kernels: this file includes itself once per instruction set. ----
+#define LASNN_LIF_CPU_BODY
+namespace lasnn {
+namespace cpu_lif {
+namespace isa_base {
+#include "lif.cpp"  // NOLINT(build/include): this file, see LASNN_LIF_CPU_BODY
+}  // namespace isa_base
+}  // namespace cpu_lif
+}  // namespace lasnn
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__AVX2__)
+#define LASNN_LIF_X86_DISPATCH 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace lasnn {
+namespace cpu_lif {
+namespace isa_avx2 {
+#include "lif.cpp"  // NOLINT(build/include): this file, see LASNN_LIF_CPU_BODY
+}  // namespace isa_avx2
+}  // namespace cpu_lif
+}  // namespace lasnn
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+// AVX-512F brings FMA instructions and gcc contracts a*b+c by default in C++; keep the rounding
+// of the baseline and AVX2 paths (tests/test_lif.py::test_cpu_isa_paths_agree checks bit equality).
+#pragma GCC optimize("fp-contract=off")
+namespace lasnn {
+namespace cpu_lif {
+namespace isa_avx512 {
+#include "lif.cpp"  // NOLINT(build/include): this file, see LASNN_LIF_CPU_BODY
+}  // namespace isa_avx512
+}  // namespace cpu_lif
+}  // namespace lasnn
+#pragma GCC pop_options
+#endif
+#undef LASNN_LIF_CPU_BODY
+
+namespace lasnn {
 namespace {
 
-constexpr int64_t kFwdBlock = 256;
+using cpu_lif::BwdArgs;
+using cpu_lif::FwdArgs;
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+// LASNN_CPU_ISA=base|avx2|avx512 caps the instruction set (tests compare the paths; benchmarks can
+// show what each buys). Read once: the choice must not change between a forward and its backward.
+Isa pick_isa() {
+#ifdef LASNN_LIF_X86_DISPATCH
+  __builtin_cpu_init();
+  Isa best = Isa::kBase;
+  if (__builtin_cpu_supports("avx2")) best = Isa::kAvx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    best = Isa::kAvx512;
+  const char* cap = std::getenv("LASNN_CPU_ISA");
+  if (cap != nullptr) {
+    if (std::strcmp(cap, "base") == 0) best = Isa::kBase;
+    else if (std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
+  }
+  return best;
+#else
+  return Isa::kBase;
+#endif
+}
+
+Isa isa() {
+  static const Isa chosen = pick_isa();
+  return chosen;
+}
+
+template <typename scalar_t, typename acc_t>
+void run_fwd(const FwdArgs<scalar_t, acc_t>& a) {
+#ifdef LASNN_LIF_X86_DISPATCH
+  // Only fp32 gets the AVX paths: it is the training dtype on CPU, and each extra (ISA, dtype) pair
+  // adds ~40 template instances to a compile that CI runs on 2 cores.
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    switch (isa()) {
+      case Isa::kAvx512:
+        cpu_lif::isa_avx512::lif_fwd<scalar_t, acc_t>(a);
+        return;
+      case Isa::kAvx2:
+        cpu_lif::isa_avx2::lif_fwd<scalar_t, acc_t>(a);
+        return;
+      default:
+        break;
+    }
+  }
+#endif
+  cpu_lif::isa_base::lif_fwd<scalar_t, acc_t>(a);
+}
+
+template <typename scalar_t, typename acc_t>
+void run_bwd(const BwdArgs<scalar_t, acc_t>& a) {
+#ifdef LASNN_LIF_X86_DISPATCH
+  // Only fp32 gets the AVX paths: it is the training dtype on CPU, and each extra (ISA, dtype) pair
+  // adds ~40 template instances to a compile that CI runs on 2 cores.
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    switch (isa()) {
+      case Isa::kAvx512:
+        cpu_lif::isa_avx512::lif_bwd<scalar_t, acc_t>(a);
+        return;
+      case Isa::kAvx2:
+        cpu_lif::isa_avx2::lif_bwd<scalar_t, acc_t>(a);
+        return;
+      default:
+        break;
+    }
+  }
+#endif
+  cpu_lif::isa_base::lif_bwd<scalar_t, acc_t>(a);
+}
 
 void check_lif_inputs(const at::Tensor& x, const std::optional<at::Tensor>& v_init, double tau, double v_threshold,
-                      double alpha, const char* op) {
+                      double v_reset, double alpha, const char* op) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be [T, N] (the caller flattens), got shape ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ", x.scalar_type());
   if (v_init.has_value()) {
@@ -33,6 +192,7 @@ void check_lif_inputs(const at::Tensor& x, const std::optional<at::Tensor>& v_in
   }
   TORCH_CHECK(tau > 0 && !std::isnan(tau), op, ": tau must be > 0 (inf for IF), got ", tau);
   TORCH_CHECK(std::isfinite(v_threshold), op, ": v_threshold must be finite, got ", v_threshold);
+  TORCH_CHECK(std::isfinite(v_reset), op, ": v_reset must be finite, got ", v_reset);
   TORCH_CHECK(alpha > 0 && std::isfinite(alpha), op, ": alpha must be finite and > 0, got ", alpha);
 }
 
@@ -54,60 +214,48 @@ LIFParams<acc_t> make_params(double tau, double v_threshold, double v_reset, boo
 std::tuple<at::Tensor, at::Tensor> lif_fwd_cpu(const at::Tensor& x_, const std::optional<at::Tensor>& v_init_,
                                                double tau, double v_threshold, double v_reset, bool soft_reset,
                                                bool decay_input) {
-  check_lif_inputs(x_, v_init_, tau, v_threshold, 1.0, "lasnn::lif_fwd");
+  check_lif_inputs(x_, v_init_, tau, v_threshold, v_reset, 1.0, "lasnn::lif_fwd");
   TORCH_CHECK(x_.device().is_cpu(), "lasnn::lif_fwd (cpu): x must be on CPU");
   const at::Tensor x = x_.contiguous();
   const int64_t T = x.size(0), N = x.size(1);
-  at::Tensor spikes = at::empty_like(x);
-  at::Tensor v_last;
+  at::Tensor spikes = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor v_init;
   if (v_init_.has_value()) v_init = v_init_->contiguous();
   if (T == 0) {
-    v_last = v_init.defined() ? v_init.clone() : at::zeros({N}, x.options());
-    return {spikes, v_last};
+    return {spikes, v_init.defined() ? v_init.clone() : at::zeros({N}, x.options())};
   }
-  v_last = at::empty({N}, x.options());
+  at::Tensor v_last = at::empty({N}, x.options());
+  if (N == 0) return {spikes, v_last};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto P = make_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input, false, 0, 1.0);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* v0 = v_init.defined() ? v_init.data_ptr<scalar_t>() : nullptr;
-    scalar_t* sp = spikes.data_ptr<scalar_t>();
-    scalar_t* vl = v_last.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 4 * kFwdBlock, [&](int64_t begin, int64_t end) {
-      acc_t v[kFwdBlock];
-      for (int64_t n0 = begin; n0 < end; n0 += kFwdBlock) {
-        const int64_t nb = std::min(kFwdBlock, end - n0);
-        for (int64_t i = 0; i < nb; ++i) v[i] = v0 ? acc_t(v0[n0 + i]) : acc_t(0);
-        for (int64_t t = 0; t < T; ++t) {
-          const scalar_t* xt = xp + t * N + n0;
-          scalar_t* st = sp + t * N + n0;
-          _Pragma("omp simd")
-          for (int64_t i = 0; i < nb; ++i) {
-            const acc_t h = lif_charge<acc_t>(v[i], acc_t(xt[i]), P);
-            st[i] = scalar_t(lif_fire_reset<acc_t>(h, &v[i], P));
-          }
-        }
-        for (int64_t i = 0; i < nb; ++i) vl[n0 + i] = scalar_t(v[i]);
-      }
-    });
+    FwdArgs<scalar_t, acc_t> a;
+    a.x = x.data_ptr<scalar_t>();
+    a.v0 = v_init.defined() ? v_init.data_ptr<scalar_t>() : nullptr;
+    a.spikes = spikes.data_ptr<scalar_t>();
+    a.v_last = v_last.data_ptr<scalar_t>();
+    a.T = T;
+    a.N = N;
+    a.P = make_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input, false, 0, 1.0);
+    run_fwd(a);
   });
   return {spikes, v_last};
 }
 
-// Backward from the saved input: for a block of neurons, recompute H_t into a scratch buffer
-// that stays in cache (T x block), then walk time in reverse. Reads x and grad_spikes once and
-// writes grad_x once: the minimum traffic for this op.
+// Backward from the saved input: for a block of neurons, recompute H_t into a scratch buffer that
+// stays in cache (T x block), then walk time in reverse. Reads x and grad_spikes once and writes
+// grad_x once: the minimum traffic for this op.
 std::tuple<at::Tensor, at::Tensor> lif_bwd_cpu(const at::Tensor& grad_spikes_, const std::optional<at::Tensor>& grad_v_last_,
                                                const at::Tensor& x_, const std::optional<at::Tensor>& v_init_,
                                                double tau, double v_threshold, double v_reset, bool soft_reset,
                                                bool decay_input, bool detach_reset, int64_t surrogate,
                                                double alpha) {
-  check_lif_inputs(x_, v_init_, tau, v_threshold, alpha, "lasnn::lif_bwd");
+  check_lif_inputs(x_, v_init_, tau, v_threshold, v_reset, alpha, "lasnn::lif_bwd");
   TORCH_CHECK(x_.device().is_cpu(), "lasnn::lif_bwd (cpu): x must be on CPU");
   TORCH_CHECK(grad_spikes_.sizes() == x_.sizes(), "lasnn::lif_bwd: grad_spikes must match x's shape ", x_.sizes(),
               ", got ", grad_spikes_.sizes());
+  TORCH_CHECK(grad_spikes_.device() == x_.device(), "lasnn::lif_bwd: grad_spikes is on ", grad_spikes_.device(),
+              " but x is on ", x_.device());
   TORCH_CHECK(surrogate >= 0 && surrogate <= 3, "lasnn::lif_bwd: surrogate must be 0..3, got ", surrogate);
   const at::Tensor x = x_.contiguous();
   const at::Tensor gs = grad_spikes_.to(x.scalar_type()).contiguous();
@@ -117,58 +265,31 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cpu(const at::Tensor& grad_spikes_, c
   if (grad_v_last_.has_value()) {
     TORCH_CHECK(grad_v_last_->dim() == 1 && grad_v_last_->size(0) == N,
                 "lasnn::lif_bwd: grad_v_last must be [N] = [", N, "], got ", grad_v_last_->sizes());
+    TORCH_CHECK(grad_v_last_->device() == x_.device(), "lasnn::lif_bwd: grad_v_last is on ",
+                grad_v_last_->device(), " but x is on ", x_.device());
     gvl = grad_v_last_->to(x.scalar_type()).contiguous();
   }
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor grad_v_init = at::empty({N}, x.options());
   if (T == 0) {
     if (gvl.defined()) grad_v_init.copy_(gvl); else grad_v_init.zero_();
     return {grad_x, grad_v_init};
   }
+  if (N == 0) return {grad_x, grad_v_init};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto P = make_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate,
-                                      alpha);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gsp = gs.data_ptr<scalar_t>();
-    const scalar_t* v0 = v_init.defined() ? v_init.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gvlp = gvl.defined() ? gvl.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    scalar_t* gvip = grad_v_init.data_ptr<scalar_t>();
-    // Scratch of at most 64 KiB per thread: block = 16..1024 neurons.
-    const int64_t blk = std::max<int64_t>(16, std::min<int64_t>(1024, (65536 / int64_t(sizeof(acc_t)) / T) / 16 * 16));
-    at::parallel_for(0, N, 2 * blk, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> hbuf(static_cast<size_t>(T * blk));
-      std::vector<acc_t> v(blk), gv(blk);
-      for (int64_t n0 = begin; n0 < end; n0 += blk) {
-        const int64_t nb = std::min(blk, end - n0);
-        acc_t* vv = v.data();
-        acc_t* gg = gv.data();
-        for (int64_t i = 0; i < nb; ++i) vv[i] = v0 ? acc_t(v0[n0 + i]) : acc_t(0);
-        for (int64_t t = 0; t < T; ++t) {
-          const scalar_t* xt = xp + t * N + n0;
-          acc_t* ht = hbuf.data() + t * blk;
-          _Pragma("omp simd")
-          for (int64_t i = 0; i < nb; ++i) {
-            const acc_t h = lif_charge<acc_t>(vv[i], acc_t(xt[i]), P);
-            ht[i] = h;
-            lif_fire_reset<acc_t>(h, &vv[i], P);
-          }
-        }
-        for (int64_t i = 0; i < nb; ++i) gg[i] = gvlp ? acc_t(gvlp[n0 + i]) : acc_t(0);
-        for (int64_t t = T - 1; t >= 0; --t) {
-          const acc_t* ht = hbuf.data() + t * blk;
-          const scalar_t* gst = gsp + t * N + n0;
-          scalar_t* gxt = gxp + t * N + n0;
-          _Pragma("omp simd")
-          for (int64_t i = 0; i < nb; ++i) {
-            gxt[i] = scalar_t(lif_backward_step<acc_t>(ht[i], acc_t(gst[i]), &gg[i], P));
-          }
-        }
-        for (int64_t i = 0; i < nb; ++i) gvip[n0 + i] = scalar_t(gg[i]);
-      }
-    });
+    BwdArgs<scalar_t, acc_t> a;
+    a.gs = gs.data_ptr<scalar_t>();
+    a.gvl = gvl.defined() ? gvl.data_ptr<scalar_t>() : nullptr;
+    a.x = x.data_ptr<scalar_t>();
+    a.v0 = v_init.defined() ? v_init.data_ptr<scalar_t>() : nullptr;
+    a.gx = grad_x.data_ptr<scalar_t>();
+    a.gv0 = grad_v_init.data_ptr<scalar_t>();
+    a.T = T;
+    a.N = N;
+    a.P = make_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha);
+    run_bwd(a);
   });
   return {grad_x, grad_v_init};
 }
@@ -181,3 +302,286 @@ TORCH_LIBRARY_IMPL(lasnn, CPU, m) {
 }
 
 }  // namespace lasnn
+
+#else  // LASNN_LIF_CPU_BODY: the kernels, compiled once per instruction set (namespace set by the includer).
+
+// Why the kernels below avoid floating-point comparisons: under gcc's default -ftrapping-math a
+// comparison such as `h >= v_threshold` may raise FP exceptions, so gcc refuses to if-convert it and
+// the loop stays scalar with a data-dependent branch (measured: 10-20x slower on random spikes,
+// with AVX2 as well as SSE2). Comparing IEEE bit patterns as integers is exact, raises nothing and
+// vectorises everywhere. Every helper returns what lasnn_math.h's formula returns, NaN included.
+
+template <typename F>
+struct IntOf;
+template <>
+struct IntOf<float> {
+  using type = int32_t;
+};
+template <>
+struct IntOf<double> {
+  using type = int64_t;
+};
+
+template <typename F>
+inline typename IntOf<F>::type bits_of(F f) {
+  typename IntOf<F>::type i;
+  std::memcpy(&i, &f, sizeof(i));
+  return i;
+}
+template <typename F>
+inline F from_bits(typename IntOf<F>::type i) {
+  F f;
+  std::memcpy(&f, &i, sizeof(f));
+  return f;
+}
+
+// Maps a float's bits to an integer with the same order as the float (for non-NaN values), -0 == +0:
+// non-negative floats order like their bits; negative ones reverse, hence INT_MIN - bits.
+template <typename F>
+inline typename IntOf<F>::type order_key(F f) {
+  using I = typename IntOf<F>::type;
+  const I b = bits_of(f);
+  return b >= 0 ? b : I(std::numeric_limits<I>::min() - b);
+}
+
+template <typename F>
+inline bool is_nan_bits(F f) {
+  using I = typename IntOf<F>::type;
+  return (bits_of(f) & std::numeric_limits<I>::max()) > bits_of(std::numeric_limits<F>::infinity());
+}
+
+// c ? a : b on the bits. Written with masks rather than ?: so that gcc cannot turn it back into
+// a branch that skips the computation of the unused side (that branch is what blocks if-conversion
+// under -ftrapping-math).
+template <typename F>
+inline F blend(bool c, F a, F b) {
+  using I = typename IntOf<F>::type;
+  const I m = -I(c);
+  return from_bits<F>((m & bits_of(a)) | (~m & bits_of(b)));
+}
+
+// S = (h >= v_threshold) as 0/1 (0 for NaN h), with kth = order_key(v_threshold).
+template <typename F>
+inline F spike_of(F h, typename IntOf<F>::type kth) {
+  using I = typename IntOf<F>::type;
+  const I fire = -I((order_key(h) >= kth) & !is_nan_bits(h));  // all ones when firing
+  return from_bits<F>(fire & bits_of(F(1)));
+}
+
+// exp for the sigmoid surrogate: lasnn::fast_exp's reduction and polynomial, rounding n with the
+// 1.5 * 2^23 magic constant instead of std::floor (no vector floor before SSE4.1); the clamp keeps
+// |n| far below 2^22 where the trick is exact.
+inline float vec_exp(float x) {
+  // Clamp |x| to 88 on the bits (a float compare would keep the loop scalar, see above). NaN is
+  // clamped too; sg_grad puts NaN back.
+  const int32_t xb = bits_of(x);
+  const int32_t lim = bits_of(88.0f);
+  x = blend((xb & 0x7fffffff) > lim, from_bits<float>((xb & int32_t(0x80000000)) | lim), x);
+  const float magic = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * from_bits<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+inline double vec_exp(double x) { return std::exp(x); }
+
+// lasnn::surrogate_grad with the kind fixed at compile time; the selects use integer compares.
+template <int64_t SG, typename F>
+inline F sg_grad(F x, F alpha) {
+  using I = typename IntOf<F>::type;
+  if constexpr (SG == kSigmoid) {
+    const F s = F(1) / (F(1) + vec_exp(-alpha * x));
+    const F g = alpha * s * (F(1) - s);
+    return blend(is_nan_bits(x), x, g);
+  } else if constexpr (SG == kAtan) {
+    const F z = F(1.5707963267948966) * alpha * x;
+    return alpha / (F(2) * (F(1) + z * z));
+  } else if constexpr (SG == kTriangle) {
+    // max(0, alpha - alpha^2 |x|), NaN kept: a positive float has positive bits.
+    const F g = alpha - alpha * alpha * std::fabs(x);
+    const I gb = bits_of(g);
+    return blend(is_nan_bits(x), x, from_bits<F>(gb & -I(gb > 0)));
+  } else {
+    // alpha * [|x| < 0.5 / alpha], NaN kept: non-negative floats compare like their bits.
+    const I inside = bits_of(alpha) & -I(bits_of(std::fabs(x)) < bits_of(F(0.5) / alpha));
+    return blend(is_nan_bits(x), x, from_bits<F>(inside));
+  }
+}
+
+// Charge (lasnn::lif_charge) with the flags fixed at compile time.
+template <bool SOFT, bool DECAY, typename F>
+inline F charge(F v, F x, F inv_tau, F v_reset) {
+  const F vr = SOFT ? F(0) : v_reset;
+  return DECAY ? v + (x - (v - vr)) * inv_tau : v - (v - vr) * inv_tau + x;
+}
+
+// Reset (lasnn::lif_fire_reset) given the spike.
+template <bool SOFT, typename F>
+inline F reset(F h, F s, F v_threshold, F v_reset) {
+  return SOFT ? h - s * v_threshold : s * v_reset + (F(1) - s) * h;
+}
+
+template <typename acc_t, typename scalar_t>
+inline acc_t load(const scalar_t* p, int64_t i) {
+  return static_cast<acc_t>(p[i]);
+}
+
+// Neurons per block: the membrane (and in the backward T x block charges) stay in L1/L2 while the
+// T rows of x stream through. Each row segment should span several 4 KiB pages: hardware
+// prefetchers stop at page boundaries, and with 1024-float (one page) segments the loops were
+// latency-bound at about half the copy bandwidth.
+constexpr int64_t kFwdBlock = 4096;
+
+template <typename scalar_t, typename acc_t, bool SOFT, bool DECAY>
+void fwd_range(const cpu_lif::FwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  const int64_t T = a.T, N = a.N;
+  const acc_t inv_tau = a.P.inv_tau, vth = a.P.v_threshold, vr = a.P.v_reset;
+  const auto kth = order_key(vth);
+  alignas(64) acc_t v[kFwdBlock];
+  for (int64_t n0 = begin; n0 < end; n0 += kFwdBlock) {
+    const int64_t nb = std::min(kFwdBlock, end - n0);
+    if (a.v0 != nullptr) {
+      for (int64_t i = 0; i < nb; ++i) v[i] = load<acc_t>(a.v0 + n0, i);
+    } else {
+      for (int64_t i = 0; i < nb; ++i) v[i] = acc_t(0);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const scalar_t* __restrict__ xt = a.x + t * N + n0;
+      scalar_t* __restrict__ st = a.spikes + t * N + n0;
+      for (int64_t i = 0; i < nb; ++i) {
+        const acc_t h = charge<SOFT, DECAY>(v[i], load<acc_t>(xt, i), inv_tau, vr);
+        const acc_t s = spike_of(h, kth);
+        st[i] = static_cast<scalar_t>(s);
+        v[i] = reset<SOFT>(h, s, vth, vr);
+      }
+    }
+    for (int64_t i = 0; i < nb; ++i) a.v_last[n0 + i] = static_cast<scalar_t>(v[i]);
+  }
+}
+
+// Grain: at least ~16k element-steps per task, so small layers are not split into tiny OpenMP chunks.
+inline int64_t grain_for(int64_t T, int64_t block) {
+  return std::max<int64_t>(block, (int64_t(1) << 14) / std::max<int64_t>(T, 1));
+}
+
+template <typename scalar_t, typename acc_t>
+void lif_fwd(const cpu_lif::FwdArgs<scalar_t, acc_t>& a) {
+  using Fn = void (*)(const cpu_lif::FwdArgs<scalar_t, acc_t>&, int64_t, int64_t);
+  Fn fn;
+  if (a.P.soft_reset) {
+    fn = a.P.decay_input ? &fwd_range<scalar_t, acc_t, true, true> : &fwd_range<scalar_t, acc_t, true, false>;
+  } else {
+    fn = a.P.decay_input ? &fwd_range<scalar_t, acc_t, false, true> : &fwd_range<scalar_t, acc_t, false, false>;
+  }
+  at::parallel_for(0, a.N, grain_for(a.T, kFwdBlock), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+// Scratch for the recomputed charges: about 256 KiB per thread (fits L2), block = 64..8192 neurons
+// (see kFwdBlock for why blocks are long).
+constexpr int64_t kBwdScratchBytes = 256 * 1024;
+constexpr int64_t kBwdMaxBlock = 8192;
+
+inline int64_t bwd_block(int64_t T, int64_t acc_size) {
+  return std::max<int64_t>(64, std::min<int64_t>(kBwdMaxBlock, kBwdScratchBytes / acc_size / T / 64 * 64));
+}
+
+template <typename scalar_t, typename acc_t, bool SOFT, bool DECAY, bool DETACH, int64_t SG>
+void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  const int64_t T = a.T, N = a.N;
+  const int64_t blk = bwd_block(T, sizeof(acc_t));
+  // One heap buffer per task (not per block): [T * blk] charges, then v and gv.
+  std::unique_ptr<acc_t[]> scratch(new acc_t[static_cast<size_t>((T + 2) * blk)]);
+  acc_t* __restrict__ hbuf = scratch.get();
+  acc_t* __restrict__ v = hbuf + T * blk;
+  acc_t* __restrict__ gv = v + blk;
+  const acc_t inv_tau = a.P.inv_tau, vth = a.P.v_threshold, vr = a.P.v_reset, alpha = a.P.alpha;
+  const auto kth = order_key(vth);
+  for (int64_t n0 = begin; n0 < end; n0 += blk) {
+    const int64_t nb = std::min(blk, end - n0);
+    if (a.v0 != nullptr) {
+      for (int64_t i = 0; i < nb; ++i) v[i] = load<acc_t>(a.v0 + n0, i);
+    } else {
+      for (int64_t i = 0; i < nb; ++i) v[i] = acc_t(0);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const scalar_t* __restrict__ xt = a.x + t * N + n0;
+      acc_t* __restrict__ ht = hbuf + t * blk;
+      for (int64_t i = 0; i < nb; ++i) {
+        const acc_t h = charge<SOFT, DECAY>(v[i], load<acc_t>(xt, i), inv_tau, vr);
+        ht[i] = h;
+        v[i] = reset<SOFT>(h, spike_of(h, kth), vth, vr);
+      }
+    }
+    if (a.gvl != nullptr) {
+      for (int64_t i = 0; i < nb; ++i) gv[i] = load<acc_t>(a.gvl + n0, i);
+    } else {
+      for (int64_t i = 0; i < nb; ++i) gv[i] = acc_t(0);
+    }
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const acc_t* __restrict__ ht = hbuf + t * blk;
+      const scalar_t* __restrict__ gst = a.gs + t * N + n0;
+      scalar_t* __restrict__ gxt = a.gx + t * N + n0;
+      for (int64_t i = 0; i < nb; ++i) {
+        // lasnn::lif_backward_step, flags fixed at compile time.
+        const acc_t h = ht[i];
+        const acc_t sg = sg_grad<SG, acc_t>(h - vth, alpha);
+        acc_t dvdh;
+        if constexpr (SOFT) {
+          dvdh = DETACH ? acc_t(1) : acc_t(1) - vth * sg;
+        } else {
+          const acc_t s = spike_of(h, kth);
+          dvdh = DETACH ? acc_t(1) - s : acc_t(1) - s + (vr - h) * sg;
+        }
+        const acc_t gh = load<acc_t>(gst, i) * sg + gv[i] * dvdh;
+        gv[i] = gh * (acc_t(1) - inv_tau);
+        gxt[i] = static_cast<scalar_t>(DECAY ? gh * inv_tau : gh);
+      }
+    }
+    for (int64_t i = 0; i < nb; ++i) a.gv0[n0 + i] = static_cast<scalar_t>(gv[i]);
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool SOFT, bool DECAY, bool DETACH>
+void (*pick_bwd_sg(int64_t sg))(const cpu_lif::BwdArgs<scalar_t, acc_t>&, int64_t, int64_t) {
+  switch (sg) {
+    case kSigmoid:
+      return &bwd_range<scalar_t, acc_t, SOFT, DECAY, DETACH, kSigmoid>;
+    case kAtan:
+      return &bwd_range<scalar_t, acc_t, SOFT, DECAY, DETACH, kAtan>;
+    case kTriangle:
+      return &bwd_range<scalar_t, acc_t, SOFT, DECAY, DETACH, kTriangle>;
+    default:
+      return &bwd_range<scalar_t, acc_t, SOFT, DECAY, DETACH, kRect>;
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool SOFT, bool DECAY>
+void (*pick_bwd_detach(bool detach, int64_t sg))(const cpu_lif::BwdArgs<scalar_t, acc_t>&, int64_t, int64_t) {
+  return detach ? pick_bwd_sg<scalar_t, acc_t, SOFT, DECAY, true>(sg)
+                : pick_bwd_sg<scalar_t, acc_t, SOFT, DECAY, false>(sg);
+}
+
+template <typename scalar_t, typename acc_t>
+void lif_bwd(const cpu_lif::BwdArgs<scalar_t, acc_t>& a) {
+  using Fn = void (*)(const cpu_lif::BwdArgs<scalar_t, acc_t>&, int64_t, int64_t);
+  const auto& P = a.P;
+  Fn fn;
+  if (P.soft_reset) {
+    fn = P.decay_input ? pick_bwd_detach<scalar_t, acc_t, true, true>(P.detach_reset, P.surrogate)
+                       : pick_bwd_detach<scalar_t, acc_t, true, false>(P.detach_reset, P.surrogate);
+  } else {
+    fn = P.decay_input ? pick_bwd_detach<scalar_t, acc_t, false, true>(P.detach_reset, P.surrogate)
+                       : pick_bwd_detach<scalar_t, acc_t, false, false>(P.detach_reset, P.surrogate);
+  }
+  at::parallel_for(0, a.N, grain_for(a.T, bwd_block(a.T, sizeof(acc_t))),
+                   [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+#endif  // LASNN_LIF_CPU_BODY
