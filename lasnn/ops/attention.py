@@ -104,13 +104,6 @@ class AttentionMapFunction(torch.autograd.Function):
         return bwd(grad_map, feat, ctx.p, ctx.time_mean), None, None, None
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    # The selector asks the dispatcher which kernels exist (non-tensor torch._C calls that Dynamo
-    # cannot trace); its answer is fixed for a given device/dtype, which Dynamo already guards on.
-    return backends.resolve("attention_map", backend, device, dtype)
-
-
 def attention_map_raw(
     feat: torch.Tensor, p: float = 2.0, time_mean: bool = True, backend: str = "auto"
 ) -> torch.Tensor:
@@ -120,7 +113,7 @@ def attention_map_raw(
     fp32 for fp16/bf16/fp32 input (fp64 for fp64). Arguments are assumed valid (the public functions
     check them); non-contiguous input is copied once.
     """
-    name = _resolve(backend, feat.device, feat.dtype)
+    name = backends.resolve_traced("attention_map", backend, feat.device, feat.dtype)
     if name == "reference":
         return attention_map_raw_reference(feat, p, time_mean)
     if not feat.is_contiguous():
