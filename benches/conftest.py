@@ -20,8 +20,9 @@ import torch
 
 
 def pytest_collect_file(file_path, parent):
-    # Benchmark files are named bench_<op>.py; collect them like test modules.
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # Benchmark files are named bench_<op>.py; collect them like test modules (a file named on the
+    # command line is already collected by pytest itself).
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 

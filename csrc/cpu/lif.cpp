@@ -61,6 +61,17 @@ struct BwdArgs {
   LIFParams<acc_t> P;
 };
 
+// LASNN_CPU_LIF_BLOCK=n (n >= 16) overrides the neurons per block of both kernels: a tuning knob for
+// benchmarks on other CPUs, read once. 0 = the defaults below.
+inline int64_t block_override() {
+  static const int64_t b = [] {
+    const char* s = std::getenv("LASNN_CPU_LIF_BLOCK");
+    const long long v = s != nullptr ? std::atoll(s) : 0;
+    return v >= 16 ? static_cast<int64_t>(std::min<long long>(v, 8192) / 16 * 16) : int64_t(0);
+  }();
+  return b;
+}
+
 }  // namespace cpu_lif
 }  // namespace lasnn
 
@@ -434,19 +445,23 @@ inline acc_t load(const scalar_t* p, int64_t i) {
 }
 
 // Neurons per block: the membrane (and in the backward T x block charges) stay in L1/L2 while the
-// T rows of x stream through. Each row segment should span several 4 KiB pages: hardware
-// prefetchers stop at page boundaries, and with 1024-float (one page) segments the loops were
-// latency-bound at about half the copy bandwidth.
-constexpr int64_t kFwdBlock = 4096;
+// T rows of x stream through. Measured on an EPYC (Zen 4) with LASNN_CPU_LIF_BLOCK, T=4, N=2^20,
+// one thread: 64 -> 1.8 ms, 256 -> 1.1, 1024 -> 1.0, 4096 -> 2.3 (forward); the backward was flat
+// from 1024 to 8192 and worse at 64-256 (short segments defeat the hardware prefetcher).
+constexpr int64_t kFwdBlock = 1024;
+constexpr int64_t kFwdMaxBlock = 8192;
+
+inline int64_t fwd_block() { return cpu_lif::block_override() ? cpu_lif::block_override() : kFwdBlock; }
 
 template <typename scalar_t, typename acc_t, bool SOFT, bool DECAY>
 void fwd_range(const cpu_lif::FwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
   const int64_t T = a.T, N = a.N;
   const acc_t inv_tau = a.P.inv_tau, vth = a.P.v_threshold, vr = a.P.v_reset;
   const auto kth = order_key(vth);
-  alignas(64) acc_t v[kFwdBlock];
-  for (int64_t n0 = begin; n0 < end; n0 += kFwdBlock) {
-    const int64_t nb = std::min(kFwdBlock, end - n0);
+  const int64_t blk = fwd_block();
+  alignas(64) acc_t v[kFwdMaxBlock];
+  for (int64_t n0 = begin; n0 < end; n0 += blk) {
+    const int64_t nb = std::min(blk, end - n0);
     if (a.v0 != nullptr) {
       for (int64_t i = 0; i < nb; ++i) v[i] = load<acc_t>(a.v0 + n0, i);
     } else {
@@ -480,15 +495,16 @@ void lif_fwd(const cpu_lif::FwdArgs<scalar_t, acc_t>& a) {
   } else {
     fn = a.P.decay_input ? &fwd_range<scalar_t, acc_t, false, true> : &fwd_range<scalar_t, acc_t, false, false>;
   }
-  at::parallel_for(0, a.N, grain_for(a.T, kFwdBlock), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  at::parallel_for(0, a.N, grain_for(a.T, fwd_block()), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
-// Scratch for the recomputed charges: about 256 KiB per thread (fits L2), block = 64..8192 neurons
-// (see kFwdBlock for why blocks are long).
-constexpr int64_t kBwdScratchBytes = 256 * 1024;
-constexpr int64_t kBwdMaxBlock = 8192;
+// Scratch for the recomputed charges: about 128 KiB per thread (fits L2), block = 64..4096 neurons
+// (see kFwdBlock for the measurements).
+constexpr int64_t kBwdScratchBytes = 128 * 1024;
+constexpr int64_t kBwdMaxBlock = 4096;
 
 inline int64_t bwd_block(int64_t T, int64_t acc_size) {
+  if (cpu_lif::block_override()) return cpu_lif::block_override();
   return std::max<int64_t>(64, std::min<int64_t>(kBwdMaxBlock, kBwdScratchBytes / acc_size / T / 64 * 64));
 }
 
