@@ -68,27 +68,22 @@ def versions() -> dict[str, str]:
     return out
 
 
-_COPY_CACHE: dict[tuple[str, int], float] = {}
-
-
 def copy_gbps(device: torch.device, nbytes: int, reps: int = 15) -> float:
     """Median memory-copy bandwidth (read + write bytes per second / 1e9) for ``dst.copy_(src)`` of
-    ``nbytes`` bytes on ``device``, measured once per (device, size) in this process."""
-    key = (str(device), nbytes)
-    if key not in _COPY_CACHE:
-        n = max(nbytes // 4, 1)
-        src = torch.rand(n, device=device)
-        dst = torch.empty_like(src)
-        times = []
-        for i in range(reps + 3):
-            sync(device)
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            sync(device)
-            if i >= 3:  # warm-up: page faults, caches, clocks
-                times.append(time.perf_counter() - t0)
-        _COPY_CACHE[key] = 2 * n * 4 / statistics.median(times) / 1e9
-    return _COPY_CACHE[key]
+    ``nbytes`` bytes on ``device``. Measured afresh right after each row (a few ms): on a shared
+    machine the load changes within a run, and the ratio is only meaningful under the same load."""
+    n = max(nbytes // 4, 1)
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 3):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i >= 3:  # warm-up: page faults, caches, clocks
+            times.append(time.perf_counter() - t0)
+    return 2 * n * 4 / statistics.median(times) / 1e9
 
 
 @pytest.fixture(scope="session")
