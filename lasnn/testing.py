@@ -95,8 +95,8 @@ def make_currents(
     """Random input currents ``[T, *shape]`` that give a healthy mix of spikes and silence.
 
     Values are ``v_threshold * N(mean, std)`` drawn in float64 from a seeded CPU generator (identical
-    on every device), so with the default LIF (tau=2, hard reset, threshold 1) about 30-45% of steps
-    spike. ``noncontiguous=True`` returns a strided view (time moved from the last storage
+    on every device), so with the default LIF (tau=2, hard reset, threshold 1) about 25% of steps
+    spike (about 50% for the IF neuron). ``noncontiguous=True`` returns a strided view (time moved from the last storage
     dimension, then every other element of the last neuron dimension), with the same values as the
     contiguous result for the same seed.
     """
