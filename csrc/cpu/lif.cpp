@@ -447,7 +447,7 @@ inline acc_t load(const scalar_t* p, int64_t i) {
 // Neurons per block: the membrane (and in the backward T x block charges) stay in L1/L2 while the
 // T rows of x stream through. Measured on an EPYC (Zen 4) with LASNN_CPU_LIF_BLOCK, T=4, N=2^20,
 // one thread: 64 -> 1.8 ms, 256 -> 1.1, 1024 -> 1.0, 4096 -> 2.3 (forward); the backward was flat
-// from 1024 to 8192 and worse at 64-256 (short segments defeat the hardware prefetcher).
+// was worse at 64-256 (short segments defeat the hardware prefetcher) and at 4096 (see below).
 constexpr int64_t kFwdBlock = 1024;
 constexpr int64_t kFwdMaxBlock = 8192;
 
@@ -498,10 +498,12 @@ void lif_fwd(const cpu_lif::FwdArgs<scalar_t, acc_t>& a) {
   at::parallel_for(0, a.N, grain_for(a.T, fwd_block()), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
-// Scratch for the recomputed charges: about 128 KiB per thread (fits L2), block = 64..4096 neurons
-// (see kFwdBlock for the measurements).
-constexpr int64_t kBwdScratchBytes = 128 * 1024;
-constexpr int64_t kBwdMaxBlock = 4096;
+// Scratch for the recomputed charges: at most 32 KiB per thread, block = 64..1024 neurons. The
+// reverse pass touches the charges, the membrane gradient and two streamed rows per step; keeping
+// them in L1 matters more than long row segments (measured, one thread, T=4, N=2^20: backward
+// 6.6-9 ms with 1024-neuron blocks vs 12-14 ms with 4096).
+constexpr int64_t kBwdScratchBytes = 32 * 1024;
+constexpr int64_t kBwdMaxBlock = 1024;
 
 inline int64_t bwd_block(int64_t T, int64_t acc_size) {
   if (cpu_lif::block_override()) return cpu_lif::block_override();
