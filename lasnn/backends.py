@@ -54,7 +54,7 @@ def unavailable_reason(op: str, backend: str, device: torch.device | None, dtype
             return _ext.C_ERROR
         if not _ext.c_has_cuda_kernels(OPS[op]):
             return "lasnn._C was built without CUDA kernels (needs nvcc and a CUDA build of torch at build time)"
-        if dev is None and not torch.cuda.is_available():
+        if not torch.cuda.is_available():
             return "no CUDA GPU is visible"
         if dev is not None and dev != "cuda":
             return f"the cuda backend runs on CUDA tensors, got a {dev} tensor"

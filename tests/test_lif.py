@@ -188,12 +188,8 @@ def test_if_module_matches_tau_inf(backend):
 
 @pytest.mark.parametrize("shape", [(0, 7), (4, 0), (0, 0, 3)], ids=["T0", "N0", "T0-N0"])
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-def test_empty(request, backend, shape):
+def test_empty(backend, shape):
     device = _setup(backend)
-    if backend != "reference" and shape[0] == 0:
-        # Known bug, reported to the lead: lasnn/ops/lif.py flattens with x_seq.reshape(T, -1), which
-        # raises for T = 0. strict: this xfail turns into a failure once it is fixed.
-        request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=True, reason="ops/lif.py reshape(T, -1)"))
     x = torch.zeros(shape, device=device, requires_grad=True)
     v0 = torch.full(shape[1:], 0.25, device=device, requires_grad=True)
     s, v = lasnn.lif(x, v0, return_v=True, backend=backend)

@@ -165,7 +165,8 @@ def lif(
         )
     else:
         T = x_seq.shape[0]
-        x2d = x_seq.reshape(T, -1) if x_seq.dim() > 1 else x_seq.reshape(T, 1)
+        # math.prod, not -1: reshape cannot infer a dimension when T = 0.
+        x2d = x_seq.reshape(T, math.prod(x_seq.shape[1:]))
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
         v2d = None if v_init is None else v_init.reshape(-1)
