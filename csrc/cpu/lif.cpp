@@ -510,6 +510,16 @@ inline int64_t bwd_block(int64_t T, int64_t acc_size) {
   return std::max<int64_t>(64, std::min<int64_t>(kBwdMaxBlock, kBwdScratchBytes / acc_size / T / 64 * 64));
 }
 
+// Software prefetch in chunks of 64 elements (4 cache lines of fp32), interleaved with the compute
+// so the loads overlap it; into L2 (locality 2), since L1 holds the scratch.
+constexpr int64_t kPfChunk = 64;
+template <typename scalar_t>
+inline void prefetch_chunk(const scalar_t* p) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < kPfChunk * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+    __builtin_prefetch(c + off, 0, 2);
+}
+
 template <typename scalar_t, typename acc_t, bool SOFT, bool DECAY, bool DETACH, int64_t SG>
 void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
   const int64_t T = a.T, N = a.N;
@@ -531,10 +541,16 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
     for (int64_t t = 0; t < T; ++t) {
       const scalar_t* __restrict__ xt = a.x + t * N + n0;
       acc_t* __restrict__ ht = hbuf + t * blk;
-      for (int64_t i = 0; i < nb; ++i) {
-        const acc_t h = charge<SOFT, DECAY>(v[i], load<acc_t>(xt, i), inv_tau, vr);
-        ht[i] = h;
-        v[i] = reset<SOFT>(h, spike_of(h, kth), vth, vr);
+      // Fetch this block's grad_spikes row into L2 while x streams: the reverse pass below needs it.
+      const scalar_t* gs_pf = a.gs + t * N + n0;
+      for (int64_t i0 = 0; i0 < nb; i0 += kPfChunk) {
+        prefetch_chunk(gs_pf + i0);
+        const int64_t i1 = std::min(nb, i0 + kPfChunk);
+        for (int64_t i = i0; i < i1; ++i) {
+          const acc_t h = charge<SOFT, DECAY>(v[i], load<acc_t>(xt, i), inv_tau, vr);
+          ht[i] = h;
+          v[i] = reset<SOFT>(h, spike_of(h, kth), vth, vr);
+        }
       }
     }
     if (a.gvl != nullptr) {
@@ -546,7 +562,15 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
       const acc_t* __restrict__ ht = hbuf + t * blk;
       const scalar_t* __restrict__ gst = a.gs + t * N + n0;
       scalar_t* __restrict__ gxt = a.gx + t * N + n0;
-      for (int64_t i = 0; i < nb; ++i) {
+      // Fetch the next block's x row into L2 while this one is computed: each row segment is a
+      // separate page the hardware prefetcher would start cold (measured: the x loads of the
+      // recompute loop were the hottest stall).
+      const int64_t nb_next = std::min(blk, end - n0 - nb);
+      const scalar_t* x_pf = a.x + t * N + n0 + nb;
+      for (int64_t i0 = 0; i0 < nb; i0 += kPfChunk) {
+        if (i0 < nb_next) prefetch_chunk(x_pf + i0);
+        const int64_t i1 = std::min(nb, i0 + kPfChunk);
+      for (int64_t i = i0; i < i1; ++i) {
         // lasnn::lif_backward_step, flags fixed at compile time.
         const acc_t h = ht[i];
         const acc_t sg = sg_grad<SG, acc_t>(h - vth, alpha);
@@ -560,6 +584,7 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
         const acc_t gh = load<acc_t>(gst, i) * sg + gv[i] * dvdh;
         gv[i] = gh * (acc_t(1) - inv_tau);
         gxt[i] = static_cast<scalar_t>(DECAY ? gh * inv_tau : gh);
+      }
       }
     }
     for (int64_t i = 0; i < nb; ++i) a.gv0[n0 + i] = static_cast<scalar_t>(gv[i]);
