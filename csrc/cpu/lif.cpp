@@ -513,11 +513,11 @@ inline int64_t bwd_block(int64_t T, int64_t acc_size) {
 // Software prefetch in chunks of 64 elements (4 cache lines of fp32), interleaved with the compute
 // so the loads overlap it; into L2 (locality 2), since L1 holds the scratch.
 constexpr int64_t kPfChunk = 64;
-template <typename scalar_t>
+template <typename scalar_t, int RW = 0>
 inline void prefetch_chunk(const scalar_t* p) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t off = 0; off < kPfChunk * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
-    __builtin_prefetch(c + off, 0, 2);
+    __builtin_prefetch(c + off, RW, 2);
 }
 
 template <typename scalar_t, typename acc_t, bool SOFT, bool DECAY, bool DETACH, int64_t SG>
@@ -541,10 +541,11 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
     for (int64_t t = 0; t < T; ++t) {
       const scalar_t* __restrict__ xt = a.x + t * N + n0;
       acc_t* __restrict__ ht = hbuf + t * blk;
-      // Fetch this block's grad_spikes row into L2 while x streams: the reverse pass below needs it.
-      const scalar_t* gs_pf = a.gs + t * N + n0;
+      // Fetch this block's grad_x row (for writing) into L2 while x streams: the reverse pass
+      // below stores to it, and a store miss stalls like a load miss (write-allocate).
+      const scalar_t* gx_pf = a.gx + t * N + n0;
       for (int64_t i0 = 0; i0 < nb; i0 += kPfChunk) {
-        prefetch_chunk(gs_pf + i0);
+        prefetch_chunk<scalar_t, 1>(gx_pf + i0);
         const int64_t i1 = std::min(nb, i0 + kPfChunk);
         for (int64_t i = i0; i < i1; ++i) {
           const acc_t h = charge<SOFT, DECAY>(v[i], load<acc_t>(xt, i), inv_tau, vr);
@@ -562,29 +563,33 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
       const acc_t* __restrict__ ht = hbuf + t * blk;
       const scalar_t* __restrict__ gst = a.gs + t * N + n0;
       scalar_t* __restrict__ gxt = a.gx + t * N + n0;
-      // Fetch the next block's x row into L2 while this one is computed: each row segment is a
-      // separate page the hardware prefetcher would start cold (measured: the x loads of the
-      // recompute loop were the hottest stall).
+      // Fetch the next block's x and grad_spikes rows into L2 while this one is computed: each row
+      // segment is a separate page the hardware prefetcher would start cold (measured: the x loads
+      // of the recompute loop and the grad_spikes loads here were the hottest stalls).
       const int64_t nb_next = std::min(blk, end - n0 - nb);
       const scalar_t* x_pf = a.x + t * N + n0 + nb;
+      const scalar_t* gs_pf = a.gs + t * N + n0 + nb;
       for (int64_t i0 = 0; i0 < nb; i0 += kPfChunk) {
-        if (i0 < nb_next) prefetch_chunk(x_pf + i0);
-        const int64_t i1 = std::min(nb, i0 + kPfChunk);
-      for (int64_t i = i0; i < i1; ++i) {
-        // lasnn::lif_backward_step, flags fixed at compile time.
-        const acc_t h = ht[i];
-        const acc_t sg = sg_grad<SG, acc_t>(h - vth, alpha);
-        acc_t dvdh;
-        if constexpr (SOFT) {
-          dvdh = DETACH ? acc_t(1) : acc_t(1) - vth * sg;
-        } else {
-          const acc_t s = spike_of(h, kth);
-          dvdh = DETACH ? acc_t(1) - s : acc_t(1) - s + (vr - h) * sg;
+        if (i0 < nb_next) {
+          prefetch_chunk(x_pf + i0);
+          prefetch_chunk(gs_pf + i0);
         }
-        const acc_t gh = load<acc_t>(gst, i) * sg + gv[i] * dvdh;
-        gv[i] = gh * (acc_t(1) - inv_tau);
-        gxt[i] = static_cast<scalar_t>(DECAY ? gh * inv_tau : gh);
-      }
+        const int64_t i1 = std::min(nb, i0 + kPfChunk);
+        for (int64_t i = i0; i < i1; ++i) {
+          // lasnn::lif_backward_step, flags fixed at compile time.
+          const acc_t h = ht[i];
+          const acc_t sg = sg_grad<SG, acc_t>(h - vth, alpha);
+          acc_t dvdh;
+          if constexpr (SOFT) {
+            dvdh = DETACH ? acc_t(1) : acc_t(1) - vth * sg;
+          } else {
+            const acc_t s = spike_of(h, kth);
+            dvdh = DETACH ? acc_t(1) - s : acc_t(1) - s + (vr - h) * sg;
+          }
+          const acc_t gh = load<acc_t>(gst, i) * sg + gv[i] * dvdh;
+          gv[i] = gh * (acc_t(1) - inv_tau);
+          gxt[i] = static_cast<scalar_t>(DECAY ? gh * inv_tau : gh);
+        }
       }
     }
     for (int64_t i = 0; i < nb; ++i) a.gv0[n0 + i] = static_cast<scalar_t>(gv[i]);
