@@ -29,6 +29,23 @@ struct LIFParams {
   acc_t alpha;
 };
 
+// Kernel parameters from the op's arguments (host code; both launchers use it so that the CPU and
+// CUDA kernels run the same arithmetic).
+template <typename acc_t>
+inline LIFParams<acc_t> make_params(double tau, double v_threshold, double v_reset, bool soft_reset,
+                                    bool decay_input, bool detach_reset, int64_t surrogate, double alpha) {
+  LIFParams<acc_t> P;
+  P.inv_tau = std::isinf(tau) ? acc_t(0) : acc_t(1.0 / tau);
+  P.v_threshold = acc_t(v_threshold);
+  P.v_reset = acc_t(v_reset);
+  P.soft_reset = soft_reset;
+  P.decay_input = decay_input && !std::isinf(tau);  // IF neuron: H = V + X
+  P.detach_reset = detach_reset;
+  P.surrogate = surrogate;
+  P.alpha = acc_t(alpha);
+  return P;
+}
+
 // exp(x) for float without libm, branch-free so that compilers vectorise the loops that call it.
 // Cody-Waite range reduction and a degree-6 polynomial: max relative error about 2 ulp on the
 // range used by the surrogates. NaN in gives NaN out; +-inf saturate.

@@ -33,6 +33,7 @@
 #include <type_traits>
 
 #include "lasnn_math.h"
+#include "lif_launch.h"
 
 namespace lasnn {
 namespace cpu_lif {
@@ -189,44 +190,13 @@ void run_bwd(const BwdArgs<scalar_t, acc_t>& a) {
   cpu_lif::isa_base::lif_bwd<scalar_t, acc_t>(a);
 }
 
-void check_lif_inputs(const at::Tensor& x, const std::optional<at::Tensor>& v_init, double tau, double v_threshold,
-                      double v_reset, double alpha, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [T, N] (the caller flattens), got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ", x.scalar_type());
-  if (v_init.has_value()) {
-    const auto& v = *v_init;
-    TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1), op, ": v_init must be [N] = [", x.size(1), "], got ",
-                v.sizes());
-    TORCH_CHECK(v.scalar_type() == x.scalar_type(), op, ": v_init dtype ", v.scalar_type(), " != x dtype ",
-                x.scalar_type());
-    TORCH_CHECK(v.device() == x.device(), op, ": v_init is on ", v.device(), " but x is on ", x.device());
-  }
-  TORCH_CHECK(tau > 0 && !std::isnan(tau), op, ": tau must be > 0 (inf for IF), got ", tau);
-  TORCH_CHECK(std::isfinite(v_threshold), op, ": v_threshold must be finite, got ", v_threshold);
-  TORCH_CHECK(std::isfinite(v_reset), op, ": v_reset must be finite, got ", v_reset);
-  TORCH_CHECK(alpha > 0 && std::isfinite(alpha), op, ": alpha must be finite and > 0, got ", alpha);
-}
 
-template <typename acc_t>
-LIFParams<acc_t> make_params(double tau, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
-                             bool detach_reset, int64_t surrogate, double alpha) {
-  LIFParams<acc_t> P;
-  P.inv_tau = std::isinf(tau) ? acc_t(0) : acc_t(1.0 / tau);
-  P.v_threshold = acc_t(v_threshold);
-  P.v_reset = acc_t(v_reset);
-  P.soft_reset = soft_reset;
-  P.decay_input = decay_input && !std::isinf(tau);  // IF neuron: H = V + X
-  P.detach_reset = detach_reset;
-  P.surrogate = surrogate;
-  P.alpha = acc_t(alpha);
-  return P;
-}
 
 std::tuple<at::Tensor, at::Tensor> lif_fwd_cpu(const at::Tensor& x_, const std::optional<at::Tensor>& v_init_,
                                                double tau, double v_threshold, double v_reset, bool soft_reset,
                                                bool decay_input) {
   check_lif_inputs(x_, v_init_, tau, v_threshold, v_reset, 1.0, "lasnn::lif_fwd");
-  TORCH_CHECK(x_.device().is_cpu(), "lasnn::lif_fwd (cpu): x must be on CPU");
+  TORCH_CHECK_VALUE(x_.device().is_cpu(), "lasnn::lif_fwd (cpu): x must be on CPU");
   const at::Tensor x = x_.contiguous();
   const int64_t T = x.size(0), N = x.size(1);
   at::Tensor spikes = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -262,21 +232,21 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cpu(const at::Tensor& grad_spikes_, c
                                                bool decay_input, bool detach_reset, int64_t surrogate,
                                                double alpha) {
   check_lif_inputs(x_, v_init_, tau, v_threshold, v_reset, alpha, "lasnn::lif_bwd");
-  TORCH_CHECK(x_.device().is_cpu(), "lasnn::lif_bwd (cpu): x must be on CPU");
-  TORCH_CHECK(grad_spikes_.sizes() == x_.sizes(), "lasnn::lif_bwd: grad_spikes must match x's shape ", x_.sizes(),
+  TORCH_CHECK_VALUE(x_.device().is_cpu(), "lasnn::lif_bwd (cpu): x must be on CPU");
+  TORCH_CHECK_VALUE(grad_spikes_.sizes() == x_.sizes(), "lasnn::lif_bwd: grad_spikes must match x's shape ", x_.sizes(),
               ", got ", grad_spikes_.sizes());
-  TORCH_CHECK(grad_spikes_.device() == x_.device(), "lasnn::lif_bwd: grad_spikes is on ", grad_spikes_.device(),
+  TORCH_CHECK_VALUE(grad_spikes_.device() == x_.device(), "lasnn::lif_bwd: grad_spikes is on ", grad_spikes_.device(),
               " but x is on ", x_.device());
-  TORCH_CHECK(surrogate >= 0 && surrogate <= 3, "lasnn::lif_bwd: surrogate must be 0..3, got ", surrogate);
+  TORCH_CHECK_VALUE(surrogate >= 0 && surrogate <= 3, "lasnn::lif_bwd: surrogate must be 0..3, got ", surrogate);
   const at::Tensor x = x_.contiguous();
   const at::Tensor gs = grad_spikes_.to(x.scalar_type()).contiguous();
   const int64_t T = x.size(0), N = x.size(1);
   at::Tensor v_init, gvl;
   if (v_init_.has_value()) v_init = v_init_->contiguous();
   if (grad_v_last_.has_value()) {
-    TORCH_CHECK(grad_v_last_->dim() == 1 && grad_v_last_->size(0) == N,
+    TORCH_CHECK_VALUE(grad_v_last_->dim() == 1 && grad_v_last_->size(0) == N,
                 "lasnn::lif_bwd: grad_v_last must be [N] = [", N, "], got ", grad_v_last_->sizes());
-    TORCH_CHECK(grad_v_last_->device() == x_.device(), "lasnn::lif_bwd: grad_v_last is on ",
+    TORCH_CHECK_VALUE(grad_v_last_->device() == x_.device(), "lasnn::lif_bwd: grad_v_last is on ",
                 grad_v_last_->device(), " but x is on ", x_.device());
     gvl = grad_v_last_->to(x.scalar_type()).contiguous();
   }

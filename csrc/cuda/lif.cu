@@ -34,6 +34,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include "lif_launch.h"
 #define LASNN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 #include <cuda_bf16.h>
@@ -236,21 +238,6 @@ __global__ void __launch_bounds__(128) lif_bwd_kernel(const scalar_t* __restrict
 constexpr int kThreads = 128;
 constexpr int64_t kSmemBudget = 48 * 1024;  // the default per-block limit: no opt-in attribute needed
 
-// Same derivation as csrc/cpu/lif.cpp so that both backends run the same arithmetic.
-template <typename acc_t>
-LIFParams<acc_t> make_params(double tau, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
-                             bool detach_reset, int64_t surrogate, double alpha) {
-  LIFParams<acc_t> P;
-  P.inv_tau = std::isinf(tau) ? acc_t(0) : acc_t(1.0 / tau);
-  P.v_threshold = acc_t(v_threshold);
-  P.v_reset = acc_t(v_reset);
-  P.soft_reset = soft_reset;
-  P.decay_input = decay_input && !std::isinf(tau);  // IF neuron: H = V + X
-  P.detach_reset = detach_reset;
-  P.surrogate = surrogate;
-  P.alpha = acc_t(alpha);
-  return P;
-}
 
 // Backward launch plan. Shared-memory path: the widest vector, then the largest block (128 or 64
 // threads) whose H scratch fits the budget (fp32: T <= 24 with 16-byte vectors and 128 threads, up to
@@ -278,25 +265,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 #ifndef LASNN_LIF_HOST_EMULATION
 
-void check_lif_inputs(const at::Tensor& x, const std::optional<at::Tensor>& v_init, double tau, double v_threshold,
-                      double v_reset, double alpha, const char* op) {
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [T, N] (the caller flattens), got shape ", x.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
-                   ": x must be float16, bfloat16, float32 or float64, got ", dt);
+void check_lif_inputs_cuda(const at::Tensor& x, const std::optional<at::Tensor>& v_init, double tau,
+                           double v_threshold, double v_reset, double alpha, const char* op) {
+  check_lif_inputs(x, v_init, tau, v_threshold, v_reset, alpha, op);
   TORCH_CHECK_VALUE(x.is_cuda(), op, " (cuda): x must be a CUDA tensor, got one on ", x.device());
-  if (v_init.has_value()) {
-    const auto& v = *v_init;
-    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == x.size(1), op, ": v_init must be [N] = [", x.size(1), "], got ",
-                      v.sizes());
-    TORCH_CHECK_TYPE(v.scalar_type() == x.scalar_type(), op, ": v_init dtype ", v.scalar_type(), " != x dtype ",
-                     x.scalar_type());
-    TORCH_CHECK_VALUE(v.device() == x.device(), op, ": v_init is on ", v.device(), " but x is on ", x.device());
-  }
-  TORCH_CHECK_VALUE(tau > 0 && !std::isnan(tau), op, ": tau must be > 0 (inf for IF), got ", tau);
-  TORCH_CHECK_VALUE(std::isfinite(v_threshold), op, ": v_threshold must be finite, got ", v_threshold);
-  TORCH_CHECK_VALUE(std::isfinite(v_reset), op, ": v_reset must be finite, got ", v_reset);
-  TORCH_CHECK_VALUE(alpha > 0 && std::isfinite(alpha), op, ": alpha must be finite and > 0, got ", alpha);
 }
 
 // Blocks for `groups` thread-groups of `threads`; gridDim.x is limited to 2^31 - 1.
@@ -408,7 +380,7 @@ void launch_bwd(const at::Tensor& gs_t, const at::Tensor& gvl_t, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> lif_fwd_cuda(const at::Tensor& x_, const std::optional<at::Tensor>& v_init_,
                                                 double tau, double v_threshold, double v_reset, bool soft_reset,
                                                 bool decay_input) {
-  check_lif_inputs(x_, v_init_, tau, v_threshold, v_reset, 1.0, "lasnn::lif_fwd");
+  check_lif_inputs_cuda(x_, v_init_, tau, v_threshold, v_reset, 1.0, "lasnn::lif_fwd");
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous();
   const int64_t T = x.size(0), N = x.size(1);
@@ -433,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cuda(const at::Tensor& grad_spikes_,
                                                 const std::optional<at::Tensor>& v_init_, double tau,
                                                 double v_threshold, double v_reset, bool soft_reset, bool decay_input,
                                                 bool detach_reset, int64_t surrogate, double alpha) {
-  check_lif_inputs(x_, v_init_, tau, v_threshold, v_reset, alpha, "lasnn::lif_bwd");
+  check_lif_inputs_cuda(x_, v_init_, tau, v_threshold, v_reset, alpha, "lasnn::lif_bwd");
   TORCH_CHECK_VALUE(grad_spikes_.sizes() == x_.sizes(), "lasnn::lif_bwd: grad_spikes must match x's shape ",
                     x_.sizes(), ", got ", grad_spikes_.sizes());
   TORCH_CHECK_VALUE(grad_spikes_.device() == x_.device(), "lasnn::lif_bwd: grad_spikes is on ",

@@ -1,0 +1,37 @@
+// Launcher-side pieces of the LIF op shared by csrc/cpu/lif.cpp and csrc/cuda/lif.cu (host code only):
+// argument checks (ValueError/TypeError naming the argument) and the derivation of the kernel
+// parameters, so both backends validate alike and run the same arithmetic.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <optional>
+
+#include "lasnn_math.h"
+
+namespace lasnn {
+
+// Checks shared by lasnn::lif_fwd and lasnn::lif_bwd; device checks stay with each backend.
+inline void check_lif_inputs(const at::Tensor& x, const std::optional<at::Tensor>& v_init, double tau,
+                             double v_threshold, double v_reset, double alpha, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [T, N] (the caller flattens), got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+                   ": x must be float16, bfloat16, float32 or float64, got ", dt);
+  if (v_init.has_value()) {
+    const auto& v = *v_init;
+    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == x.size(1), op, ": v_init must be [N] = [", x.size(1), "], got ",
+                      v.sizes());
+    TORCH_CHECK_TYPE(v.scalar_type() == x.scalar_type(), op, ": v_init dtype ", v.scalar_type(), " != x dtype ",
+                     x.scalar_type());
+    TORCH_CHECK_VALUE(v.device() == x.device(), op, ": v_init is on ", v.device(), " but x is on ", x.device());
+  }
+  TORCH_CHECK_VALUE(tau > 0 && !std::isnan(tau), op, ": tau must be > 0 (inf for IF), got ", tau);
+  TORCH_CHECK_VALUE(std::isfinite(v_threshold), op, ": v_threshold must be finite, got ", v_threshold);
+  TORCH_CHECK_VALUE(std::isfinite(v_reset), op, ": v_reset must be finite, got ", v_reset);
+  TORCH_CHECK_VALUE(alpha > 0 && std::isfinite(alpha), op, ": alpha must be finite and > 0, got ", alpha);
+}
+
+}  // namespace lasnn
