@@ -34,4 +34,20 @@ inline void check_lif_inputs(const at::Tensor& x, const std::optional<at::Tensor
   TORCH_CHECK_VALUE(alpha > 0 && std::isfinite(alpha), op, ": alpha must be finite and > 0, got ", alpha);
 }
 
+// Checks of the backward's incoming gradients against x ([T, N]); shared by both backends.
+inline void check_lif_bwd_grads(const at::Tensor& grad_spikes, const std::optional<at::Tensor>& grad_v_last,
+                                const at::Tensor& x, int64_t surrogate) {
+  TORCH_CHECK_VALUE(grad_spikes.sizes() == x.sizes(), "lasnn::lif_bwd: grad_spikes must match x's shape ", x.sizes(),
+                    ", got ", grad_spikes.sizes());
+  TORCH_CHECK_VALUE(grad_spikes.device() == x.device(), "lasnn::lif_bwd: grad_spikes is on ", grad_spikes.device(),
+                    " but x is on ", x.device());
+  TORCH_CHECK_VALUE(surrogate >= 0 && surrogate <= 3, "lasnn::lif_bwd: surrogate must be 0..3, got ", surrogate);
+  if (grad_v_last.has_value()) {
+    TORCH_CHECK_VALUE(grad_v_last->dim() == 1 && grad_v_last->size(0) == x.size(1),
+                      "lasnn::lif_bwd: grad_v_last must be [N] = [", x.size(1), "], got ", grad_v_last->sizes());
+    TORCH_CHECK_VALUE(grad_v_last->device() == x.device(), "lasnn::lif_bwd: grad_v_last is on ",
+                      grad_v_last->device(), " but x is on ", x.device());
+  }
+}
+
 }  // namespace lasnn

@@ -406,11 +406,7 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cuda(const at::Tensor& grad_spikes_,
                                                 double v_threshold, double v_reset, bool soft_reset, bool decay_input,
                                                 bool detach_reset, int64_t surrogate, double alpha) {
   check_lif_inputs_cuda(x_, v_init_, tau, v_threshold, v_reset, alpha, "lasnn::lif_bwd");
-  TORCH_CHECK_VALUE(grad_spikes_.sizes() == x_.sizes(), "lasnn::lif_bwd: grad_spikes must match x's shape ",
-                    x_.sizes(), ", got ", grad_spikes_.sizes());
-  TORCH_CHECK_VALUE(grad_spikes_.device() == x_.device(), "lasnn::lif_bwd: grad_spikes is on ",
-                    grad_spikes_.device(), " but x is on ", x_.device());
-  TORCH_CHECK_VALUE(surrogate >= 0 && surrogate <= 3, "lasnn::lif_bwd: surrogate must be 0..3, got ", surrogate);
+  check_lif_bwd_grads(grad_spikes_, grad_v_last_, x_, surrogate);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous();
   const at::Tensor gs = grad_spikes_.to(x.scalar_type()).contiguous();
@@ -418,10 +414,6 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cuda(const at::Tensor& grad_spikes_,
   at::Tensor v_init, gvl;
   if (v_init_.has_value()) v_init = v_init_->contiguous();
   if (grad_v_last_.has_value()) {
-    TORCH_CHECK_VALUE(grad_v_last_->dim() == 1 && grad_v_last_->size(0) == N,
-                      "lasnn::lif_bwd: grad_v_last must be [N] = [", N, "], got ", grad_v_last_->sizes());
-    TORCH_CHECK_VALUE(grad_v_last_->device() == x.device(), "lasnn::lif_bwd: grad_v_last is on ",
-                      grad_v_last_->device(), " but x is on ", x.device());
     gvl = grad_v_last_->to(x.scalar_type()).contiguous();
   }
   at::Tensor grad_x = at::empty_like(x);
