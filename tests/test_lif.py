@@ -418,17 +418,29 @@ def test_raw_op_checks(backend):
 # The CPU kernel's instruction-set paths (baseline, AVX2, AVX-512) must agree bit for bit.
 
 _ISA_SCRIPT = """
-import sys, torch, lasnn
+import itertools, math, sys, torch, lasnn
 from lasnn.testing import make_currents
-x = make_currents(5, (300,), seed=9)
-g = torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
 outs = []
-for sg in ("sigmoid", "atan", "triangle", "rect"):
-    for v_reset in (0.0, None):
-        xx = x.clone().requires_grad_(True)
-        s, v = lasnn.lif(xx, return_v=True, backend="cpu", surrogate=sg, v_reset=v_reset)
-        ((s * g).sum() + v.sum()).backward()
-        outs += [s, v, xx.grad]
+# N: a tail of 12 lanes; and several 1024-neuron blocks split over the threads, with a tail.
+for N in (300, 5000):
+    x = make_currents(5, (N,), seed=9)
+    # Special values: exactly at threshold (x = 2 charges an empty neuron to H = 1), signed zeros,
+    # NaN and +-inf (the reference's NaN behaviour of the arithmetic reset), huge and tiny currents.
+    x[0, :8] = torch.tensor([2.0, -0.0, 0.0, float("nan"), float("inf"), -float("inf"), 1e30, 1e-30])
+    x[3, 8:12] = torch.tensor([2.0, -0.0, 200.0, -200.0])
+    g = torch.randn(5, N, generator=torch.Generator().manual_seed(1))
+    g[2, :4] = torch.tensor([0.0, -0.0, float("nan"), 1e30])
+    v0 = torch.randn(N, generator=torch.Generator().manual_seed(2))
+    for sg, v_reset, decay, detach, tau in itertools.product(
+        ("sigmoid", "atan", "triangle", "rect"), (0.0, -0.5, None), (True, False), (False, True), (2.0, math.inf)
+    ):
+        for with_v0 in (False, True):
+            xx = x.clone().requires_grad_(True)
+            vi = v0.clone().requires_grad_(True) if with_v0 else None
+            s, v = lasnn.lif(xx, vi, return_v=True, backend="cpu", surrogate=sg, v_reset=v_reset, tau=tau,
+                             decay_input=decay, detach_reset=detach, alpha=3.0)
+            ((s * g).sum() + (v * g[0]).sum()).backward()
+            outs += [s, v, xx.grad] + ([vi.grad] if with_v0 else [])
 torch.save(outs, sys.argv[1])
 """
 
@@ -446,6 +458,16 @@ def test_cpu_isa_paths_agree(tmp_path):
         out = tmp_path / f"{isa}.pt"
         subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(out)], check=True, env=env, timeout=120)
         results[isa] = torch.load(out)
+    # 2 sizes x 96 neuron configurations x (s, v, grad_x without v_init + s, v, grad_x, grad_v_init with it)
+    assert len(results["default"]) == 2 * 96 * 7
     for isa in ("base", "avx2"):
-        for a, b in zip(results[isa], results["default"], strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, isa=isa: f"{isa} vs default: {m}")
+        for k, (a, b) in enumerate(zip(results[isa], results["default"], strict=True)):
+            # Bit for bit, signed zeros included; NaN where NaN (its payload may depend on operand order).
+            nan = torch.isnan(b)
+            assert torch.equal(torch.isnan(a), nan), f"{isa} vs default, output {k}: NaN positions differ"
+            a_bits, b_bits = a.view(torch.int32)[~nan], b.view(torch.int32)[~nan]
+            bad = (a_bits != b_bits).nonzero().flatten()
+            assert bad.numel() == 0, (
+                f"{isa} vs default, output {k}: {bad.numel()} values differ, e.g. {a[~nan][bad[:4]].tolist()} vs "
+                f"{b[~nan][bad[:4]].tolist()}"
+            )

@@ -32,6 +32,10 @@
 #include <memory>
 #include <type_traits>
 
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
+
 #include "lasnn_math.h"
 #include "lif_launch.h"
 
@@ -107,6 +111,7 @@ namespace lasnn {
 namespace cpu_lif {
 namespace isa_avx512 {
 #include "lif.cpp"  // NOLINT(build/include): this file, see LASNN_LIF_CPU_BODY
+#include "lif_avx512.h"  // the fp32 backward in intrinsics, bit-identical to the generic one
 }  // namespace isa_avx512
 }  // namespace cpu_lif
 }  // namespace lasnn
@@ -156,7 +161,7 @@ void run_fwd(const FwdArgs<scalar_t, acc_t>& a) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     switch (isa()) {
       case Isa::kAvx512:
-        cpu_lif::isa_avx512::lif_fwd<scalar_t, acc_t>(a);
+        cpu_lif::isa_avx512::lif_fwd_f32_avx512(a);
         return;
       case Isa::kAvx2:
         cpu_lif::isa_avx2::lif_fwd<scalar_t, acc_t>(a);
@@ -177,7 +182,7 @@ void run_bwd(const BwdArgs<scalar_t, acc_t>& a) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     switch (isa()) {
       case Isa::kAvx512:
-        cpu_lif::isa_avx512::lif_bwd<scalar_t, acc_t>(a);
+        cpu_lif::isa_avx512::lif_bwd_f32_avx512(a);
         return;
       case Isa::kAvx2:
         cpu_lif::isa_avx2::lif_bwd<scalar_t, acc_t>(a);
@@ -341,38 +346,54 @@ inline F spike_of(F h, typename IntOf<F>::type kth) {
   return from_bits<F>(fire & bits_of(F(1)));
 }
 
-// exp for the sigmoid surrogate: lasnn::fast_exp's reduction and polynomial, rounding n with the
-// 1.5 * 2^23 magic constant instead of std::floor (no vector floor before SSE4.1); the clamp keeps
-// |n| far below 2^22 where the trick is exact.
-inline float vec_exp(float x) {
-  // Clamp |x| to 88 on the bits (a float compare would keep the loop scalar, see above). NaN is
-  // clamped too; sg_grad puts NaN back.
-  const int32_t xb = bits_of(x);
-  const int32_t lim = bits_of(88.0f);
-  x = blend((xb & 0x7fffffff) > lim, from_bits<float>((xb & int32_t(0x80000000)) | lim), x);
-  const float magic = 12582912.0f;
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * from_bits<float>((static_cast<int32_t>(n) + 127) << 23);
+// The fp32 sigmoid surrogate, alpha * sigma(alpha x) * (1 - sigma(alpha x)), written as
+// alpha * e / (1 + e)^2 with e = exp(-alpha |x|) (the function is even in x), so e is in (0, 1]
+// and only underflow needs a clamp. exp goes through 2^z: z = y log2(e), n = round(z), a degree-5
+// minimax polynomial for 2^(z - n) on [-1/2, 1/2] (relative error 2.3e-7 in fp32 Horner), times
+// 2^n built from the exponent bits. About 25 vector instructions instead of ~40 for the Cody-Waite
+// exp plus 1/(1 + e) and sigma (1 - sigma); the backward is compute-bound, so this is most of its
+// speed. Rounding n uses the 1.5 * 2^23 magic constant (no vector floor before SSE4.1); the AVX-512
+// kernels (lif_avx512.h) perform the same IEEE operations in the same order, so every CPU path gives
+// the same bits (tests/test_lif.py::test_cpu_isa_paths_agree).
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+constexpr float kSigmoidClamp = -87.0f;     // keeps n >= -126: 2^n stays a normal float
+constexpr float kExp2C0 = 1.0000001192092896f, kExp2C1 = 0.6931469440460205f, kExp2C2 = 0.24022120237350464f,
+                kExp2C3 = 0.05550713092088699f, kExp2C4 = 0.009675541892647743f,
+                kExp2C5 = 0.001327647129073739f;
+
+inline float sigmoid_sg_f32(float x, float alpha) {
+  // y = max(-alpha |x|, -87) on the bits: y <= 0 here, so "below -87" is "magnitude above 87"; NaN
+  // is clamped too (as vmaxps does) and put back at the end.
+  float y = std::fabs(x) * -alpha;
+  y = blend((bits_of(y) & 0x7fffffff) > bits_of(-kSigmoidClamp), kSigmoidClamp, y);
+  const float z = y * kLog2e;
+  const float n = (z + kRoundMagic) - kRoundMagic;
+  const float f = z - n;
+  float p = kExp2C5;
+  p = p * f + kExp2C4;
+  p = p * f + kExp2C3;
+  p = p * f + kExp2C2;
+  p = p * f + kExp2C1;
+  p = p * f + kExp2C0;
+  const float e = p * from_bits<float>((static_cast<int32_t>(n) + 127) << 23);
+  const float t = 1.0f + e;
+  const float g = alpha * (e / (t * t));
+  return blend(is_nan_bits(x), x, g);
 }
-inline double vec_exp(double x) { return std::exp(x); }
 
 // lasnn::surrogate_grad with the kind fixed at compile time; the selects use integer compares.
 template <int64_t SG, typename F>
 inline F sg_grad(F x, F alpha) {
   using I = typename IntOf<F>::type;
   if constexpr (SG == kSigmoid) {
-    const F s = F(1) / (F(1) + vec_exp(-alpha * x));
-    const F g = alpha * s * (F(1) - s);
-    return blend(is_nan_bits(x), x, g);
+    if constexpr (std::is_same_v<F, float>) {
+      return sigmoid_sg_f32(x, alpha);
+    } else {
+      const F s = F(1) / (F(1) + std::exp(-alpha * x));
+      const F g = alpha * s * (F(1) - s);
+      return blend(is_nan_bits(x), x, g);
+    }
   } else if constexpr (SG == kAtan) {
     const F z = F(1.5707963267948966) * alpha * x;
     return alpha / (F(2) * (F(1) + z * z));
