@@ -2,18 +2,22 @@
 // of a block of neurons stays in a small stack array, and threads split the neurons (at::parallel_for,
 // OpenMP). Math: csrc/lasnn_math.h; oracle: lasnn/reference/lif.py.
 //
-// Speed notes (measured in benches/bench_lif.py):
+// Two kernel families, bit-identical (tests/test_lif.py::test_cpu_isa_paths_agree):
+// - generic templates (the LASNN_LIF_CPU_BODY part below), for every dtype on the x86-64 baseline and
+//   for every other architecture. gcc vectorises them through integer bit tricks (see below);
+// - csrc/cpu/lif_simd.h, fp32 only, in AVX2 or AVX-512 intrinsics over one small vector type. On x86
+//   the instruction set is chosen at run time with __builtin_cpu_supports (LASNN_CPU_ISA=base|avx2
+//   caps it), so the wheel runs everywhere while setup.py keeps plain -O3.
+//
+// Speed notes (measured with benches/bench_lif.py and one-thread loops on an EPYC Zen 4):
 // - The neuron flags (reset kind, decay_input, detach_reset, surrogate) are template parameters, so
-//   every inner loop is branch-free straight-line code that gcc vectorises; with runtime flags the
-//   backward was 3-10x slower (a switch per element defeats vectorisation).
-// - The surrogate's exp must vectorise without SSE4.1 (no vector floor in the x86-64 baseline), so the
-//   CPU loops use `vec_exp`, the same Cody-Waite + polynomial as lasnn::fast_exp but rounding with the
-//   2^23 magic constant instead of std::floor. The two agree to within an ulp or two (the rounding mode
-//   of the reduction differs only at exact .5 ties, which the polynomial absorbs).
-// - The kernels are compiled twice: for the x86-64 baseline and for AVX2 (+AVX-512 on the machines
-//   that have it), chosen at run time with __builtin_cpu_supports, so the wheel still runs everywhere
-//   while setup.py keeps plain -O3. FMA is not enabled: contracting a*b+c would round differently
-//   from the reference (and from the baseline path), moving spikes that sit exactly at threshold.
+//   every inner loop is branch-free straight-line code; with runtime flags the backward was 3-10x
+//   slower (a switch per element defeats vectorisation).
+// - The backward is compute-bound: one thread, T=4, sigmoid, 1.17 ns per element-step (generic
+//   AVX-512 build) whether the data sat in L2 or DRAM. The cheaper sigmoid surrogate
+//   (sigmoid_sg_f32) and the intrinsics took it to 0.75 ns (AVX-512) and 1.17 ns (AVX2).
+// - FMA is never used: contracting a*b+c would round differently from the baseline path and the
+//   reference, moving spikes that sit exactly at threshold.
 #ifndef LASNN_LIF_CPU_BODY
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -98,6 +102,9 @@ namespace lasnn {
 namespace cpu_lif {
 namespace isa_avx2 {
 #include "lif.cpp"  // NOLINT(build/include): this file, see LASNN_LIF_CPU_BODY
+#define LASNN_SIMD_AVX2
+#include "lif_simd.h"  // the fp32 kernels in intrinsics, bit-identical to the generic ones
+#undef LASNN_SIMD_AVX2
 }  // namespace isa_avx2
 }  // namespace cpu_lif
 }  // namespace lasnn
@@ -111,7 +118,9 @@ namespace lasnn {
 namespace cpu_lif {
 namespace isa_avx512 {
 #include "lif.cpp"  // NOLINT(build/include): this file, see LASNN_LIF_CPU_BODY
-#include "lif_avx512.h"  // the fp32 backward in intrinsics, bit-identical to the generic one
+#define LASNN_SIMD_AVX512
+#include "lif_simd.h"  // the fp32 kernels in intrinsics, bit-identical to the generic ones
+#undef LASNN_SIMD_AVX512
 }  // namespace isa_avx512
 }  // namespace cpu_lif
 }  // namespace lasnn
@@ -156,15 +165,15 @@ Isa isa() {
 template <typename scalar_t, typename acc_t>
 void run_fwd(const FwdArgs<scalar_t, acc_t>& a) {
 #ifdef LASNN_LIF_X86_DISPATCH
-  // Only fp32 gets the AVX paths: it is the training dtype on CPU, and each extra (ISA, dtype) pair
-  // adds ~40 template instances to a compile that CI runs on 2 cores.
+  // Only fp32 gets the intrinsics (lif_simd.h): it is the training dtype on CPU; the other dtypes
+  // take the generic kernels compiled for the x86-64 baseline.
   if constexpr (std::is_same_v<scalar_t, float>) {
     switch (isa()) {
       case Isa::kAvx512:
-        cpu_lif::isa_avx512::lif_fwd_f32_avx512(a);
+        cpu_lif::isa_avx512::lif_fwd_f32_simd(a);
         return;
       case Isa::kAvx2:
-        cpu_lif::isa_avx2::lif_fwd<scalar_t, acc_t>(a);
+        cpu_lif::isa_avx2::lif_fwd_f32_simd(a);
         return;
       default:
         break;
@@ -177,15 +186,15 @@ void run_fwd(const FwdArgs<scalar_t, acc_t>& a) {
 template <typename scalar_t, typename acc_t>
 void run_bwd(const BwdArgs<scalar_t, acc_t>& a) {
 #ifdef LASNN_LIF_X86_DISPATCH
-  // Only fp32 gets the AVX paths: it is the training dtype on CPU, and each extra (ISA, dtype) pair
-  // adds ~40 template instances to a compile that CI runs on 2 cores.
+  // Only fp32 gets the intrinsics (lif_simd.h): it is the training dtype on CPU; the other dtypes
+  // take the generic kernels compiled for the x86-64 baseline.
   if constexpr (std::is_same_v<scalar_t, float>) {
     switch (isa()) {
       case Isa::kAvx512:
-        cpu_lif::isa_avx512::lif_bwd_f32_avx512(a);
+        cpu_lif::isa_avx512::lif_bwd_f32_simd(a);
         return;
       case Isa::kAvx2:
-        cpu_lif::isa_avx2::lif_bwd<scalar_t, acc_t>(a);
+        cpu_lif::isa_avx2::lif_bwd_f32_simd(a);
         return;
       default:
         break;
@@ -350,11 +359,11 @@ inline F spike_of(F h, typename IntOf<F>::type kth) {
 // alpha * e / (1 + e)^2 with e = exp(-alpha |x|) (the function is even in x), so e is in (0, 1]
 // and only underflow needs a clamp. exp goes through 2^z: z = y log2(e), n = round(z), a degree-5
 // minimax polynomial for 2^(z - n) on [-1/2, 1/2] (relative error 2.3e-7 in fp32 Horner), times
-// 2^n built from the exponent bits. About 25 vector instructions instead of ~40 for the Cody-Waite
-// exp plus 1/(1 + e) and sigma (1 - sigma); the backward is compute-bound, so this is most of its
-// speed. Rounding n uses the 1.5 * 2^23 magic constant (no vector floor before SSE4.1); the AVX-512
-// kernels (lif_avx512.h) perform the same IEEE operations in the same order, so every CPU path gives
-// the same bits (tests/test_lif.py::test_cpu_isa_paths_agree).
+// 2^n built from the exponent bits: fewer instructions than a Cody-Waite exp followed by 1/(1 + e)
+// and sigma (1 - sigma), and the backward is compute-bound. Rounding n uses the 1.5 * 2^23 magic
+// constant (no vector floor before SSE4.1); the intrinsic kernels (lif_simd.h) perform the same IEEE
+// operations in the same order, so every CPU path gives the same bits
+// (tests/test_lif.py::test_cpu_isa_paths_agree).
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
 constexpr float kSigmoidClamp = -87.0f;     // keeps n >= -126: 2^n stays a normal float
