@@ -13,7 +13,8 @@
 //                         = grad_map[t, b, s] / C * p |feat|^(p-1) sign(feat)     (per step)
 // In the time-mean mode the gradient is the same for every t: one [1, B, C, S] slab is written and
 // returned expanded to [T, B, C, S] (stride 0 over T), a quarter of the writes at T = 4.
-// Math: csrc/attention_math.h; oracle: lasnn/reference/attention.py.
+// Math: csrc/attention_math.h; argument checks: csrc/attention_launch.h (shared with CUDA);
+// oracle: lasnn/reference/attention.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_launch.h"
 #include "attention_math.h"
 
 namespace lasnn {
@@ -42,21 +44,6 @@ int64_t pick_tile(int64_t R, int64_t S) {
   int64_t tile = (S + splits - 1) / splits;
   tile = (tile + 15) / 16 * 16;  // whole vectors
   return std::max<int64_t>(16, std::min(kTile, tile));
-}
-
-void check_attention_inputs(const at::Tensor& feat, double p, const char* op) {
-  TORCH_CHECK_VALUE(feat.dim() == 4, op, ": feat must be [T, B, C, S] (the caller flattens space), got shape ",
-                    feat.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(feat.scalar_type()), op, ": feat must be a floating tensor, got ",
-                   feat.scalar_type());
-  TORCH_CHECK_VALUE(std::isfinite(p) && p > 0, op, ": p must be finite and > 0, got ", p);
-}
-
-at::ScalarType map_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-std::vector<int64_t> map_shape(const at::Tensor& feat, bool time_mean) {
-  if (time_mean) return {feat.size(1), feat.size(3)};
-  return {feat.size(0), feat.size(1), feat.size(3)};
 }
 
 template <int PK, typename scalar_t, typename acc_t>
@@ -136,23 +123,13 @@ void bwd_impl(const acc_t* g, const scalar_t* x, scalar_t* gx, int64_t R, int64_
   });
 }
 
-// Calls fn.template operator()<PK>() with the exponent specialisation for p.
-template <typename F>
-void dispatch_pow(double p, F&& fn) {
-  switch (attention_pow_kind(p)) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    default: fn(std::integral_constant<int, 0>{}); break;
-  }
-}
-
 at::Tensor attention_map_fwd_cpu(const at::Tensor& feat_, double p, bool time_mean) {
   check_attention_inputs(feat_, p, "lasnn::attention_map_fwd");
   TORCH_CHECK_VALUE(feat_.device().is_cpu(), "lasnn::attention_map_fwd (cpu): feat must be on CPU");
   const at::Tensor feat = feat_.contiguous();
   const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
-  at::Tensor out = at::empty(map_shape(feat, time_mean), feat.options().dtype(map_dtype(feat.scalar_type())));
+  at::Tensor out = at::empty(attention_map_shape(feat, time_mean),
+                             feat.options().dtype(attention_map_dtype(feat.scalar_type())));
   if (out.numel() == 0) return out;
   // The mean over zero steps is NaN, as torch's mean of an empty dimension.
   if (T == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -162,7 +139,7 @@ at::Tensor attention_map_fwd_cpu(const at::Tensor& feat_, double p, bool time_me
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = feat.data_ptr<scalar_t>();
     acc_t* o = out.data_ptr<acc_t>();
-    dispatch_pow(p, [&](auto pk) {
+    dispatch_attention_pow(p, [&](auto pk) {
       fwd_impl<decltype(pk)::value, scalar_t, acc_t>(x, o, R, TT, C, S, B * C * S, acc_t(p));
     });
   });
@@ -172,13 +149,9 @@ at::Tensor attention_map_fwd_cpu(const at::Tensor& feat_, double p, bool time_me
 at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map_, const at::Tensor& feat_, double p, bool time_mean) {
   check_attention_inputs(feat_, p, "lasnn::attention_map_bwd");
   TORCH_CHECK_VALUE(feat_.device().is_cpu(), "lasnn::attention_map_bwd (cpu): feat must be on CPU");
-  const auto want = map_shape(feat_, time_mean);
-  TORCH_CHECK_VALUE(grad_map_.sizes() == at::IntArrayRef(want), "lasnn::attention_map_bwd: grad_map must have shape ",
-                    at::IntArrayRef(want), ", got ", grad_map_.sizes());
-  TORCH_CHECK_VALUE(grad_map_.device() == feat_.device(), "lasnn::attention_map_bwd: grad_map is on ",
-                    grad_map_.device(), " but feat is on ", feat_.device());
+  check_attention_grad_map(grad_map_, feat_, time_mean);
   const at::Tensor feat = feat_.contiguous();
-  const at::Tensor g = grad_map_.to(map_dtype(feat.scalar_type())).contiguous();
+  const at::Tensor g = grad_map_.to(attention_map_dtype(feat.scalar_type())).contiguous();
   const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
   // Time mean: every step's gradient is the same, so one [1, B, C, S] slab is written and returned
   // expanded over T (stride 0), as torch's own mean backward does: a student-sized write (and the page
@@ -193,7 +166,7 @@ at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map_, const at::Tensor& 
     const scalar_t* x = feat.data_ptr<scalar_t>();
     const acc_t* gp = g.data_ptr<acc_t>();
     scalar_t* gx = grad_feat.data_ptr<scalar_t>();
-    dispatch_pow(p, [&](auto pk) {
+    dispatch_attention_pow(p, [&](auto pk) {
       bwd_impl<decltype(pk)::value, scalar_t, acc_t>(gp, x, gx, R, TT, C, S, B * C * S, acc_t(p));
     });
   });

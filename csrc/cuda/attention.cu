@@ -12,7 +12,8 @@
 // Backward: one thread per (row, c, s): reads the T values and writes one gradient. In the time-mean
 // mode the gradient is the same for every step (the mean is linear), so one [1, B, C, S] slab is written
 // and returned expanded over T: one read of feat and grad_map, one write of grad_feat's distinct values.
-// Math: csrc/attention_math.h (shared with csrc/cpu/attention.cpp); oracle: lasnn/reference/attention.py.
+// Math: csrc/attention_math.h and argument checks: csrc/attention_launch.h (both shared with
+// csrc/cpu/attention.cpp); oracle: lasnn/reference/attention.py.
 // Headers kept light on purpose (no ATen/ATen.h, no ATen/cuda/CUDAContext.h): see DESIGN.md.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -31,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_launch.h"
 #include "attention_math.h"
 
 namespace lasnn {
@@ -93,12 +95,8 @@ attention_map_bwd_kernel(const acc_type<scalar_t>* __restrict__ g, const scalar_
 }
 
 void check_inputs(const at::Tensor& feat, double p, const char* op) {
-  TORCH_CHECK_VALUE(feat.dim() == 4, op, ": feat must be [T, B, C, S] (the caller flattens space), got shape ",
-                    feat.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(feat.scalar_type()), op, ": feat must be a floating tensor, got ",
-                   feat.scalar_type());
+  check_attention_inputs(feat, p, op);
   TORCH_CHECK_VALUE(feat.is_cuda(), op, " (cuda): feat must be a CUDA tensor, got ", feat.device());
-  TORCH_CHECK_VALUE(std::isfinite(p) && p > 0, op, ": p must be finite and > 0, got ", p);
 }
 
 template <typename F>
@@ -112,29 +110,13 @@ void dispatch_dtype(at::ScalarType t, const char* op, F&& fn) {
   }
 }
 
-template <typename F>
-void dispatch_pow(double p, F&& fn) {
-  switch (attention_pow_kind(p)) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    default: fn(std::integral_constant<int, 0>{}); break;
-  }
-}
-
-at::ScalarType map_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-std::vector<int64_t> map_shape(const at::Tensor& feat, bool time_mean) {
-  if (time_mean) return {feat.size(1), feat.size(3)};
-  return {feat.size(0), feat.size(1), feat.size(3)};
-}
-
 at::Tensor attention_map_fwd_cuda(const at::Tensor& feat_, double p, bool time_mean) {
   check_inputs(feat_, p, "lasnn::attention_map_fwd");
   const c10::cuda::CUDAGuard guard(feat_.device());
   const at::Tensor feat = feat_.contiguous();
   const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
-  at::Tensor out = at::empty(map_shape(feat, time_mean), feat.options().dtype(map_dtype(feat.scalar_type())));
+  at::Tensor out = at::empty(attention_map_shape(feat, time_mean),
+                             feat.options().dtype(attention_map_dtype(feat.scalar_type())));
   if (out.numel() == 0) return out;
   if (T == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());  // mean over zero steps
   const int64_t R = time_mean ? B : T * B;
@@ -148,7 +130,7 @@ at::Tensor attention_map_fwd_cuda(const at::Tensor& feat_, double p, bool time_m
     using acc_t = acc_type<scalar_t>;
     const auto* xp = reinterpret_cast<const scalar_t*>(feat.const_data_ptr());
     auto* op = reinterpret_cast<acc_t*>(out.mutable_data_ptr());
-    dispatch_pow(p, [&](auto pk) {
+    dispatch_attention_pow(p, [&](auto pk) {
       attention_map_fwd_kernel<decltype(pk)::value, scalar_t>
           <<<dim3(static_cast<unsigned>(R * ntiles)), dim3(kTileS, kSplitC), 0, stream>>>(
               xp, op, ntiles, TT, C, S, B * C * S, acc_t(p));
@@ -160,14 +142,10 @@ at::Tensor attention_map_fwd_cuda(const at::Tensor& feat_, double p, bool time_m
 
 at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map_, const at::Tensor& feat_, double p, bool time_mean) {
   check_inputs(feat_, p, "lasnn::attention_map_bwd");
-  const auto want = map_shape(feat_, time_mean);
-  TORCH_CHECK_VALUE(grad_map_.sizes() == at::IntArrayRef(want), "lasnn::attention_map_bwd: grad_map must have shape ",
-                    at::IntArrayRef(want), ", got ", grad_map_.sizes());
-  TORCH_CHECK_VALUE(grad_map_.device() == feat_.device(), "lasnn::attention_map_bwd: grad_map is on ",
-                    grad_map_.device(), " but feat is on ", feat_.device());
+  check_attention_grad_map(grad_map_, feat_, time_mean);
   const c10::cuda::CUDAGuard guard(feat_.device());
   const at::Tensor feat = feat_.contiguous();
-  const at::Tensor g = grad_map_.to(map_dtype(feat.scalar_type())).contiguous();
+  const at::Tensor g = grad_map_.to(attention_map_dtype(feat.scalar_type())).contiguous();
   const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
   // Time mean: every step's gradient is the same; one [1, B, C, S] slab is written and returned
   // expanded over T (stride 0), as torch's mean backward does.
@@ -187,7 +165,7 @@ at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map_, const at::Tensor&
     auto* gx = reinterpret_cast<scalar_t*>(grad_feat.mutable_data_ptr());
     // 1/C from the channel mean, 1/T from the time mean.
     const acc_t scale = acc_t(1) / (acc_t(C) * acc_t(TT));
-    dispatch_pow(p, [&](auto pk) {
+    dispatch_attention_pow(p, [&](auto pk) {
       attention_map_bwd_kernel<decltype(pk)::value, scalar_t><<<static_cast<unsigned>(blocks), kBwdThreads, 0, stream>>>(
           gp, xp, gx, n, TT, C, S, B * C * S, acc_t(p), scale);
     });
