@@ -10,9 +10,14 @@ with OMP_NUM_THREADS=1 for a stable single-core comparison.
 
 Targets (judged by reading the output, not asserted): CPU, T=4, N=2^20, fp32, ``fwdbwd`` of
 ``lasnn-cpu`` >= 4x faster than ``spikingjelly`` and >= 1.8x faster than ``reference-compiled``;
-kernel rows at >= 80% of the copy bandwidth (``fraction_of_copy_bw`` in extra_info; the copy is of
-one [T, N] tensor, so it sees the same caches). On an H200: >= 85% of HBM copy bandwidth and
+kernel rows at >= 80% of the machine's memory-copy bandwidth (``fraction_of_dram_copy_bw`` in
+extra_info: 256 MiB buffers; ``fraction_of_copy_bw`` is against a same-size copy, which for tensors
+that fit the last-level cache measures cache speed). On an H200: >= 85% of HBM copy bandwidth and
 faster than SpikingJelly's Triton backend (run with ``SJ_LIF_CUDA_IMPLEMENTATION=triton``).
+
+On CPU, outputs above glibc's mmap threshold (32 MiB at most, e.g. [16, 2^20] fp32) are page-faulted
+in afresh on every call, which can cost more than the kernel; ``--keep-cpu-memory`` runs every row
+with ``lasnn.keep_cpu_memory()`` applied (what the ``lasnn`` commands do).
 
 Bytes moved by the minimal design (e = element size, no v_init):
     fwd     read x, write spikes, write v_last        = (2 T N + N) e

@@ -15,6 +15,7 @@ from lasnn.nn.spikify import spikify
 from lasnn.ops import lif
 from lasnn.ops.attention import attention_loss, attention_map, kd_loss
 from lasnn.profile import profile
+from lasnn.runtime import keep_cpu_memory
 
 __version__ = "0.1.0"
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "distill",
     "features",
     "kd_loss",
+    "keep_cpu_memory",
     "lif",
     "models",
     "nn",

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
+
+from lasnn.runtime import keep_cpu_memory
 
 _COMMAND_MODULES = ("lasnn.models.cli", "lasnn.distill.cli", "lasnn.convert.cli")
 
@@ -50,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lasnn`` / ``python -m lasnn``."""
     args = build_parser().parse_args(argv)
+    # Large CPU tensors page-faulted in afresh on every allocation cost more than the kernels
+    # (lasnn/runtime.py); a lasnn command owns its process, so keep freed memory unless told not to.
+    if os.environ.get("LASNN_KEEP_CPU_MEMORY", "1") != "0":
+        keep_cpu_memory()
     return int(args.func(args) or 0)
 
 
