@@ -55,7 +55,9 @@ def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -ffp-contract=off: no fused multiply-add in the C++ kernels on any target (gcc contracts by default
     # where FMA exists, e.g. aarch64 or -march=native), so every CPU path rounds like the reference.
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+    # -fno-trapping-math: lets gcc if-convert and vectorise float compares (`h >= v_th ? 1 : 0`); the
+    # kernels never read FP exception flags, and values are unchanged (see csrc/cpu/lif.cpp).
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-fno-trapping-math"]
     libs_args = {"extra_link_args": ["-fopenmp"]}
     if want_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

@@ -1,23 +1,20 @@
 // Fused multi-step LIF forward/backward on CPU: the time loop runs inside one call, the membrane
 // of a block of neurons stays in a small stack array, and threads split the neurons (at::parallel_for,
-// OpenMP). Math: csrc/lasnn_math.h; oracle: lasnn/reference/lif.py.
-//
-// Two kernel families, bit-identical (tests/test_lif.py::test_cpu_isa_paths_agree):
-// - generic templates (the LASNN_LIF_CPU_BODY part below), for every dtype on the x86-64 baseline and
-//   for every other architecture. gcc vectorises them through integer bit tricks (see below);
-// - csrc/cpu/lif_simd.h, fp32 only, in AVX2 or AVX-512 intrinsics over one small vector type. On x86
-//   the instruction set is chosen at run time with __builtin_cpu_supports (LASNN_CPU_ISA=base|avx2
-//   caps it), so the wheel runs everywhere while setup.py keeps plain -O3.
+// OpenMP). Math: csrc/lasnn_math.h (the same formulas as the CUDA kernels); oracle:
+// lasnn/reference/lif.py.
 //
 // Speed notes (measured with benches/bench_lif.py and one-thread loops on an EPYC Zen 4):
 // - The neuron flags (reset kind, decay_input, detach_reset, surrogate) are template parameters, so
-//   every inner loop is branch-free straight-line code; with runtime flags the backward was 3-10x
-//   slower (a switch per element defeats vectorisation).
-// - The backward is compute-bound: one thread, T=4, sigmoid, 1.17 ns per element-step (generic
-//   AVX-512 build) whether the data sat in L2 or DRAM. The cheaper sigmoid surrogate
-//   (sigmoid_sg_f32) and the intrinsics took it to 0.75 ns (AVX-512) and 1.17 ns (AVX2).
-// - FMA is never used: contracting a*b+c would round differently from the baseline path and the
-//   reference, moving spikes that sit exactly at threshold.
+//   every inner loop is branch-free straight-line code that gcc vectorises; with runtime flags the
+//   backward was 3-10x slower (a switch per element defeats vectorisation).
+// - The kernels are compiled three times: for the x86-64 baseline, AVX2 and AVX-512, chosen at run
+//   time with __builtin_cpu_supports (LASNN_CPU_ISA=base|avx2 caps it), so the wheel runs
+//   everywhere while setup.py keeps plain -O3. All three give the same bits
+//   (tests/test_lif.py::test_cpu_isa_paths_agree): no FMA anywhere (-ffp-contract=off).
+// - The backward is compute-bound (one thread, T=4, sigmoid: the same ns per element-step with the
+//   data in L2 as in DRAM). lasnn::sigmoid_surrogate's exp2 polynomial and -fno-trapping-math (which
+//   lets gcc vectorise the compares) took it from 1.17 to 0.75 ns (AVX-512) and 1.43 to ~1.15 (AVX2);
+//   hand-written AVX-512/AVX2 intrinsics, tried, were no faster than what gcc now emits.
 #ifndef LASNN_LIF_CPU_BODY
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -35,10 +32,6 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#endif
 
 #include "lasnn_math.h"
 #include "lif_launch.h"
@@ -102,9 +95,6 @@ namespace lasnn {
 namespace cpu_lif {
 namespace isa_avx2 {
 #include "lif.cpp"  // NOLINT(build/include): this file, see LASNN_LIF_CPU_BODY
-#define LASNN_SIMD_AVX2
-#include "lif_simd.h"  // the fp32 kernels in intrinsics, bit-identical to the generic ones
-#undef LASNN_SIMD_AVX2
 }  // namespace isa_avx2
 }  // namespace cpu_lif
 }  // namespace lasnn
@@ -118,9 +108,6 @@ namespace lasnn {
 namespace cpu_lif {
 namespace isa_avx512 {
 #include "lif.cpp"  // NOLINT(build/include): this file, see LASNN_LIF_CPU_BODY
-#define LASNN_SIMD_AVX512
-#include "lif_simd.h"  // the fp32 kernels in intrinsics, bit-identical to the generic ones
-#undef LASNN_SIMD_AVX512
 }  // namespace isa_avx512
 }  // namespace cpu_lif
 }  // namespace lasnn
@@ -165,15 +152,15 @@ Isa isa() {
 template <typename scalar_t, typename acc_t>
 void run_fwd(const FwdArgs<scalar_t, acc_t>& a) {
 #ifdef LASNN_LIF_X86_DISPATCH
-  // Only fp32 gets the intrinsics (lif_simd.h): it is the training dtype on CPU; the other dtypes
-  // take the generic kernels compiled for the x86-64 baseline.
+  // Only fp32 gets the AVX builds: it is the training dtype on CPU, and each extra (ISA, dtype) pair
+  // adds ~40 template instances to a compile that CI runs on 2 cores.
   if constexpr (std::is_same_v<scalar_t, float>) {
     switch (isa()) {
       case Isa::kAvx512:
-        cpu_lif::isa_avx512::lif_fwd_f32_simd(a);
+        cpu_lif::isa_avx512::lif_fwd<scalar_t, acc_t>(a);
         return;
       case Isa::kAvx2:
-        cpu_lif::isa_avx2::lif_fwd_f32_simd(a);
+        cpu_lif::isa_avx2::lif_fwd<scalar_t, acc_t>(a);
         return;
       default:
         break;
@@ -186,15 +173,15 @@ void run_fwd(const FwdArgs<scalar_t, acc_t>& a) {
 template <typename scalar_t, typename acc_t>
 void run_bwd(const BwdArgs<scalar_t, acc_t>& a) {
 #ifdef LASNN_LIF_X86_DISPATCH
-  // Only fp32 gets the intrinsics (lif_simd.h): it is the training dtype on CPU; the other dtypes
-  // take the generic kernels compiled for the x86-64 baseline.
+  // Only fp32 gets the AVX builds: it is the training dtype on CPU, and each extra (ISA, dtype) pair
+  // adds ~40 template instances to a compile that CI runs on 2 cores.
   if constexpr (std::is_same_v<scalar_t, float>) {
     switch (isa()) {
       case Isa::kAvx512:
-        cpu_lif::isa_avx512::lif_bwd_f32_simd(a);
+        cpu_lif::isa_avx512::lif_bwd<scalar_t, acc_t>(a);
         return;
       case Isa::kAvx2:
-        cpu_lif::isa_avx2::lif_bwd_f32_simd(a);
+        cpu_lif::isa_avx2::lif_bwd<scalar_t, acc_t>(a);
         return;
       default:
         break;
@@ -292,144 +279,10 @@ TORCH_LIBRARY_IMPL(lasnn, CPU, m) {
 
 #else  // LASNN_LIF_CPU_BODY: the kernels, compiled once per instruction set (namespace set by the includer).
 
-// Why the kernels below avoid floating-point comparisons: under gcc's default -ftrapping-math a
-// comparison such as `h >= v_threshold` may raise FP exceptions, so gcc refuses to if-convert it and
-// the loop stays scalar with a data-dependent branch (measured: 10-20x slower on random spikes,
-// with AVX2 as well as SSE2). Comparing IEEE bit patterns as integers is exact, raises nothing and
-// vectorises everywhere. Every helper returns what lasnn_math.h's formula returns, NaN included.
-
-template <typename F>
-struct IntOf;
-template <>
-struct IntOf<float> {
-  using type = int32_t;
-};
-template <>
-struct IntOf<double> {
-  using type = int64_t;
-};
-
-template <typename F>
-inline typename IntOf<F>::type bits_of(F f) {
-  typename IntOf<F>::type i;
-  std::memcpy(&i, &f, sizeof(i));
-  return i;
-}
-template <typename F>
-inline F from_bits(typename IntOf<F>::type i) {
-  F f;
-  std::memcpy(&f, &i, sizeof(f));
-  return f;
-}
-
-// Maps a float's bits to an integer with the same order as the float (for non-NaN values), -0 == +0:
-// non-negative floats order like their bits; negative ones reverse, hence INT_MIN - bits.
-template <typename F>
-inline typename IntOf<F>::type order_key(F f) {
-  using I = typename IntOf<F>::type;
-  const I b = bits_of(f);
-  return b >= 0 ? b : I(std::numeric_limits<I>::min() - b);
-}
-
-template <typename F>
-inline bool is_nan_bits(F f) {
-  using I = typename IntOf<F>::type;
-  return (bits_of(f) & std::numeric_limits<I>::max()) > bits_of(std::numeric_limits<F>::infinity());
-}
-
-// c ? a : b on the bits. Written with masks rather than ?: so that gcc cannot turn it back into
-// a branch that skips the computation of the unused side (that branch is what blocks if-conversion
-// under -ftrapping-math).
-template <typename F>
-inline F blend(bool c, F a, F b) {
-  using I = typename IntOf<F>::type;
-  const I m = -I(c);
-  return from_bits<F>((m & bits_of(a)) | (~m & bits_of(b)));
-}
-
-// S = (h >= v_threshold) as 0/1 (0 for NaN h), with kth = order_key(v_threshold).
-template <typename F>
-inline F spike_of(F h, typename IntOf<F>::type kth) {
-  using I = typename IntOf<F>::type;
-  const I fire = -I((order_key(h) >= kth) & !is_nan_bits(h));  // all ones when firing
-  return from_bits<F>(fire & bits_of(F(1)));
-}
-
-// The fp32 sigmoid surrogate, alpha * sigma(alpha x) * (1 - sigma(alpha x)), written as
-// alpha * e / (1 + e)^2 with e = exp(-alpha |x|) (the function is even in x), so e is in (0, 1]
-// and only underflow needs a clamp. exp goes through 2^z: z = y log2(e), n = round(z), a degree-5
-// minimax polynomial for 2^(z - n) on [-1/2, 1/2] (relative error 2.3e-7 in fp32 Horner), times
-// 2^n built from the exponent bits: fewer instructions than a Cody-Waite exp followed by 1/(1 + e)
-// and sigma (1 - sigma), and the backward is compute-bound. Rounding n uses the 1.5 * 2^23 magic
-// constant (no vector floor before SSE4.1); the intrinsic kernels (lif_simd.h) perform the same IEEE
-// operations in the same order, so every CPU path gives the same bits
-// (tests/test_lif.py::test_cpu_isa_paths_agree).
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
-constexpr float kSigmoidClamp = -87.0f;     // keeps n >= -126: 2^n stays a normal float
-constexpr float kExp2C0 = 1.0000001192092896f, kExp2C1 = 0.6931469440460205f, kExp2C2 = 0.24022120237350464f,
-                kExp2C3 = 0.05550713092088699f, kExp2C4 = 0.009675541892647743f,
-                kExp2C5 = 0.001327647129073739f;
-
-inline float sigmoid_sg_f32(float x, float alpha) {
-  // y = max(-alpha |x|, -87) on the bits: y <= 0 here, so "below -87" is "magnitude above 87"; NaN
-  // is clamped too (as vmaxps does) and put back at the end.
-  float y = std::fabs(x) * -alpha;
-  y = blend((bits_of(y) & 0x7fffffff) > bits_of(-kSigmoidClamp), kSigmoidClamp, y);
-  const float z = y * kLog2e;
-  const float n = (z + kRoundMagic) - kRoundMagic;
-  const float f = z - n;
-  float p = kExp2C5;
-  p = p * f + kExp2C4;
-  p = p * f + kExp2C3;
-  p = p * f + kExp2C2;
-  p = p * f + kExp2C1;
-  p = p * f + kExp2C0;
-  const float e = p * from_bits<float>((static_cast<int32_t>(n) + 127) << 23);
-  const float t = 1.0f + e;
-  const float g = alpha * (e / (t * t));
-  return blend(is_nan_bits(x), x, g);
-}
-
-// lasnn::surrogate_grad with the kind fixed at compile time; the selects use integer compares.
-template <int64_t SG, typename F>
-inline F sg_grad(F x, F alpha) {
-  using I = typename IntOf<F>::type;
-  if constexpr (SG == kSigmoid) {
-    if constexpr (std::is_same_v<F, float>) {
-      return sigmoid_sg_f32(x, alpha);
-    } else {
-      const F s = F(1) / (F(1) + std::exp(-alpha * x));
-      const F g = alpha * s * (F(1) - s);
-      return blend(is_nan_bits(x), x, g);
-    }
-  } else if constexpr (SG == kAtan) {
-    const F z = F(1.5707963267948966) * alpha * x;
-    return alpha / (F(2) * (F(1) + z * z));
-  } else if constexpr (SG == kTriangle) {
-    // max(0, alpha - alpha^2 |x|), NaN kept: a positive float has positive bits.
-    const F g = alpha - alpha * alpha * std::fabs(x);
-    const I gb = bits_of(g);
-    return blend(is_nan_bits(x), x, from_bits<F>(gb & -I(gb > 0)));
-  } else {
-    // alpha * [|x| < 0.5 / alpha], NaN kept: non-negative floats compare like their bits.
-    const I inside = bits_of(alpha) & -I(bits_of(std::fabs(x)) < bits_of(F(0.5) / alpha));
-    return blend(is_nan_bits(x), x, from_bits<F>(inside));
-  }
-}
-
-// Charge (lasnn::lif_charge) with the flags fixed at compile time.
-template <bool SOFT, bool DECAY, typename F>
-inline F charge(F v, F x, F inv_tau, F v_reset) {
-  const F vr = SOFT ? F(0) : v_reset;
-  return DECAY ? v + (x - (v - vr)) * inv_tau : v - (v - vr) * inv_tau + x;
-}
-
-// Reset (lasnn::lif_fire_reset) given the spike.
-template <bool SOFT, typename F>
-inline F reset(F h, F s, F v_threshold, F v_reset) {
-  return SOFT ? h - s * v_threshold : s * v_reset + (F(1) - s) * h;
-}
+// The formulas are lasnn_math.h's compile-time-flag forms (charge, spike, reset, backward_step).
+// setup.py compiles with -fno-trapping-math: under gcc's default -ftrapping-math a compare such as
+// `h >= v_threshold ? 1 : 0` may raise FP exceptions, so gcc refuses to if-convert it and the loop
+// stays scalar with a data-dependent branch (measured: 10-20x slower on random spikes).
 
 template <typename acc_t, typename scalar_t>
 inline acc_t load(const scalar_t* p, int64_t i) {
@@ -449,7 +302,6 @@ template <typename scalar_t, typename acc_t, bool SOFT, bool DECAY>
 void fwd_range(const cpu_lif::FwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
   const int64_t T = a.T, N = a.N;
   const acc_t inv_tau = a.P.inv_tau, vth = a.P.v_threshold, vr = a.P.v_reset;
-  const auto kth = order_key(vth);
   const int64_t blk = fwd_block();
   alignas(64) acc_t v[kFwdMaxBlock];
   for (int64_t n0 = begin; n0 < end; n0 += blk) {
@@ -464,7 +316,7 @@ void fwd_range(const cpu_lif::FwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
       scalar_t* __restrict__ st = a.spikes + t * N + n0;
       for (int64_t i = 0; i < nb; ++i) {
         const acc_t h = charge<SOFT, DECAY>(v[i], load<acc_t>(xt, i), inv_tau, vr);
-        const acc_t s = spike_of(h, kth);
+        const acc_t s = spike(h, vth);
         st[i] = static_cast<scalar_t>(s);
         v[i] = reset<SOFT>(h, s, vth, vr);
       }
@@ -522,7 +374,6 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
   acc_t* __restrict__ v = hbuf + T * blk;
   acc_t* __restrict__ gv = v + blk;
   const acc_t inv_tau = a.P.inv_tau, vth = a.P.v_threshold, vr = a.P.v_reset, alpha = a.P.alpha;
-  const auto kth = order_key(vth);
   for (int64_t n0 = begin; n0 < end; n0 += blk) {
     const int64_t nb = std::min(blk, end - n0);
     if (a.v0 != nullptr) {
@@ -542,7 +393,7 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
         for (int64_t i = i0; i < i1; ++i) {
           const acc_t h = charge<SOFT, DECAY>(v[i], load<acc_t>(xt, i), inv_tau, vr);
           ht[i] = h;
-          v[i] = reset<SOFT>(h, spike_of(h, kth), vth, vr);
+          v[i] = reset<SOFT>(h, spike(h, vth), vth, vr);
         }
       }
     }
@@ -568,19 +419,10 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
         }
         const int64_t i1 = std::min(nb, i0 + kPfChunk);
         for (int64_t i = i0; i < i1; ++i) {
-          // lasnn::lif_backward_step, flags fixed at compile time.
-          const acc_t h = ht[i];
-          const acc_t sg = sg_grad<SG, acc_t>(h - vth, alpha);
-          acc_t dvdh;
-          if constexpr (SOFT) {
-            dvdh = DETACH ? acc_t(1) : acc_t(1) - vth * sg;
-          } else {
-            const acc_t s = spike_of(h, kth);
-            dvdh = DETACH ? acc_t(1) - s : acc_t(1) - s + (vr - h) * sg;
-          }
-          const acc_t gh = load<acc_t>(gst, i) * sg + gv[i] * dvdh;
-          gv[i] = gh * (acc_t(1) - inv_tau);
-          gxt[i] = static_cast<scalar_t>(DECAY ? gh * inv_tau : gh);
+          acc_t g = gv[i];
+          const acc_t gx = backward_step<SOFT, DECAY, DETACH, SG>(ht[i], load<acc_t>(gst, i), &g, inv_tau, vth, vr, alpha);
+          gv[i] = g;
+          gxt[i] = static_cast<scalar_t>(gx);
         }
       }
     }
