@@ -4,8 +4,8 @@
 fresh ``mmap`` regions, unmapped again on ``free``. Every new CPU tensor of that size is then
 page-faulted in (the kernel zeroes each 4 KiB page) inside whichever op writes it first. At
 ``[16, 2^20]`` fp32 (64 MiB) this costs more than the LIF kernels themselves. Measured on a 2-core EPYC
-with ``benches/bench_lif.py`` (medians): forward + backward 54.9 ms with glibc's defaults and 14.6 ms
-with memory kept. ``torch.compile``'s loop went from 110 to 63 ms in the same runs.
+with ``benches/bench_lif.py`` (medians, three runs each): forward + backward 53-60 ms with glibc's
+defaults and 14.6-17.2 ms with memory kept; ``torch.compile``'s loop went from 99-123 to 61-64 ms.
 
 This is what the ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment variables do, and
 what preloading jemalloc or tcmalloc gives, but it can be done from inside a running process.
