@@ -18,6 +18,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from lasnn import _ext
+
 
 def pytest_addoption(parser):
     parser.addoption(
@@ -114,6 +116,7 @@ def bench_info(request) -> dict[str, str]:
     info = versions()
     info["torch_threads"] = str(torch.get_num_threads())
     info["LASNN_CPU_ISA"] = os.environ.get("LASNN_CPU_ISA", "auto")
+    info["cpu_lif_isa"] = str(_ext.cpu_lif_isa())
     info["keep_cpu_memory"] = str(bool(request.config.getoption("--keep-cpu-memory", default=False)))
     return info
 

@@ -8,10 +8,14 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 
 #include "lasnn_math.h"
 
 namespace lasnn {
+
+// The instruction set the fp32 CPU LIF kernels use here: "avx512", "avx2" or "base" (csrc/cpu/lif.cpp).
+std::string cpu_lif_isa_name();
 
 // Checks shared by lasnn::lif_fwd and lasnn::lif_bwd; device checks stay with each backend.
 inline void check_lif_inputs(const at::Tensor& x, const std::optional<at::Tensor>& v_init, double tau,

@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "lif_launch.h"
+
 extern "C" {
 // The module only has to exist so that `import lasnn._C` loads this library and runs the
 // registrations below; all ops are reached through torch.ops.lasnn.*.
@@ -36,4 +38,7 @@ TORCH_LIBRARY(lasnn, m) {
   m.def("attention_map_fwd(Tensor feat, float p, bool time_mean) -> Tensor");
   // grad_map: the shape attention_map_fwd returned. Returns grad_feat shaped and typed like feat.
   m.def("attention_map_bwd(Tensor grad_map, Tensor feat, float p, bool time_mean) -> Tensor");
+  // Which build of the CPU LIF kernels runs fp32 on this machine: "avx512", "avx2" or "base" (after
+  // LASNN_CPU_ISA); other dtypes always run "base". Shown by `python -m lasnn info` and the benchmarks.
+  m.def("cpu_lif_isa() -> str", TORCH_FN(lasnn::cpu_lif_isa_name));
 }

@@ -40,6 +40,17 @@ def c_has_cuda_kernels(name: str = "lif_fwd") -> bool:
     return c_has_kernel(name, "CUDA")
 
 
+def cpu_lif_isa() -> str | None:
+    """The instruction set of the fp32 CPU LIF kernels on this machine ("avx512", "avx2" or "base",
+    after ``LASNN_CPU_ISA``; other dtypes run "base"), or None without ``lasnn._C``."""
+    if not HAS_C:
+        return None
+    try:
+        return torch.ops.lasnn.cpu_lif_isa()
+    except (AttributeError, RuntimeError):  # an older build without the op
+        return None
+
+
 TRITON_ERROR: str | None = None
 try:
     import triton

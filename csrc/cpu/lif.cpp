@@ -149,6 +149,18 @@ Isa isa() {
   return chosen;
 }
 
+}  // namespace
+
+std::string cpu_lif_isa_name() {
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "base";
+  }
+}
+
+namespace {
+
 template <typename scalar_t, typename acc_t>
 void run_fwd(const FwdArgs<scalar_t, acc_t>& a) {
 #ifdef LASNN_LIF_X86_DISPATCH
