@@ -14,7 +14,7 @@
 
 namespace lasnn {
 
-// The instruction set the fp32 CPU LIF kernels use here: "avx512", "avx2" or "base" (csrc/cpu/lif.cpp).
+// The instruction set the fp32/bf16 CPU LIF kernels use here: "avx512", "avx2" or "base" (csrc/cpu/lif.cpp).
 std::string cpu_lif_isa_name();
 
 // Checks shared by lasnn::lif_fwd and lasnn::lif_bwd; device checks stay with each backend.

@@ -38,7 +38,8 @@ TORCH_LIBRARY(lasnn, m) {
   m.def("attention_map_fwd(Tensor feat, float p, bool time_mean) -> Tensor");
   // grad_map: the shape attention_map_fwd returned. Returns grad_feat shaped and typed like feat.
   m.def("attention_map_bwd(Tensor grad_map, Tensor feat, float p, bool time_mean) -> Tensor");
-  // Which build of the CPU LIF kernels runs fp32 on this machine: "avx512", "avx2" or "base" (after
-  // LASNN_CPU_ISA); other dtypes always run "base". Shown by `python -m lasnn info` and the benchmarks.
+  // Which build of the CPU LIF kernels runs fp32 and bf16 on this machine: "avx512", "avx2" or "base"
+  // (after LASNN_CPU_ISA); fp16 and fp64 always run "base". Shown by `python -m lasnn info` and the
+  // benchmarks.
   m.def("cpu_lif_isa() -> str", TORCH_FN(lasnn::cpu_lif_isa_name));
 }

@@ -41,8 +41,8 @@ def c_has_cuda_kernels(name: str = "lif_fwd") -> bool:
 
 
 def cpu_lif_isa() -> str | None:
-    """The instruction set of the fp32 CPU LIF kernels on this machine ("avx512", "avx2" or "base",
-    after ``LASNN_CPU_ISA``; other dtypes run "base"), or None without ``lasnn._C``."""
+    """The instruction set of the fp32/bf16 CPU LIF kernels on this machine ("avx512", "avx2" or "base",
+    after ``LASNN_CPU_ISA``; fp16 and fp64 run "base"), or None without ``lasnn._C``."""
     if not HAS_C:
         return None
     try:

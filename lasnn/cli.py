@@ -27,7 +27,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"extension lasnn._C: {'loaded' if _ext.HAS_C else _ext.C_ERROR}")
     if _ext.HAS_C:
         print(f"  CUDA kernels compiled in: {_ext.c_has_cuda_kernels()}")
-        print(f"  CPU LIF kernels (fp32): {_ext.cpu_lif_isa()} build (LASNN_CPU_ISA caps it; other dtypes: base)")
+        print(f"  CPU LIF kernels (fp32, bf16): {_ext.cpu_lif_isa()} build (LASNN_CPU_ISA caps it; fp16/fp64: base)")
     print(f"triton: {'importable' if _ext.HAS_TRITON else _ext.TRITON_ERROR}"
           f"{' (TRITON_INTERPRET=1: runs on CPU tensors)' if _ext.triton_interpret() else ''}")
     print()

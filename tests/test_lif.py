@@ -421,8 +421,9 @@ _ISA_SCRIPT = """
 import itertools, math, sys, torch, lasnn
 from lasnn.testing import make_currents
 outs = []
-# N: a tail of 12 lanes; and several 1024-neuron blocks split over the threads, with a tail.
-for N in (300, 5000):
+# N = 300: a partial last vector; 5000: several 1024-neuron blocks split over the threads, with a
+# tail. fp32 and bf16 are the dtypes with AVX builds.
+for N, dtype in ((300, torch.float32), (5000, torch.float32), (300, torch.bfloat16)):
     x = make_currents(5, (N,), seed=9)
     # Special values: exactly at threshold (x = 2 charges an empty neuron to H = 1), signed zeros,
     # NaN and +-inf (the reference's NaN behaviour of the arithmetic reset), huge and tiny currents.
@@ -435,11 +436,11 @@ for N in (300, 5000):
         ("sigmoid", "atan", "triangle", "rect"), (0.0, -0.5, None), (True, False), (False, True), (2.0, math.inf)
     ):
         for with_v0 in (False, True):
-            xx = x.clone().requires_grad_(True)
-            vi = v0.clone().requires_grad_(True) if with_v0 else None
+            xx = x.to(dtype).clone().requires_grad_(True)
+            vi = v0.to(dtype).clone().requires_grad_(True) if with_v0 else None
             s, v = lasnn.lif(xx, vi, return_v=True, backend="cpu", surrogate=sg, v_reset=v_reset, tau=tau,
                              decay_input=decay, detach_reset=detach, alpha=3.0)
-            ((s * g).sum() + (v * g[0]).sum()).backward()
+            ((s.float() * g).sum() + (v.float() * g[0]).sum()).backward()
             outs += [s, v, xx.grad] + ([vi.grad] if with_v0 else [])
 torch.save([torch.ops.lasnn.cpu_lif_isa()] + outs, sys.argv[1])
 """
@@ -462,14 +463,15 @@ def test_cpu_isa_paths_agree(tmp_path):
     assert names["base"] == "base" and names["avx2"] in ("avx2", "base"), names
     if len(set(names.values())) == 1:
         pytest.skip(f"this CPU has one LIF kernel build only ({names['default']}): nothing to compare")
-    # 2 sizes x 96 neuron configurations x (s, v, grad_x without v_init + s, v, grad_x, grad_v_init with it)
-    assert len(results["default"]) == 2 * 96 * 7
+    # 3 (size, dtype) x 96 neuron configurations x (s, v, grad_x without v_init + s, v, grad_x, grad_v_init)
+    assert len(results["default"]) == 3 * 96 * 7
     for isa in ("base", "avx2"):
         for k, (a, b) in enumerate(zip(results[isa], results["default"], strict=True)):
             # Bit for bit, signed zeros included; NaN where NaN (its payload may depend on operand order).
             nan = torch.isnan(b)
             assert torch.equal(torch.isnan(a), nan), f"{isa} vs default, output {k}: NaN positions differ"
-            a_bits, b_bits = a.view(torch.int32)[~nan], b.view(torch.int32)[~nan]
+            ints = torch.int32 if a.dtype == torch.float32 else torch.int16
+            a_bits, b_bits = a.view(ints)[~nan], b.view(ints)[~nan]
             bad = (a_bits != b_bits).nonzero().flatten()
             assert bad.numel() == 0, (
                 f"{isa} vs default, output {k}: {bad.numel()} values differ, e.g. {a[~nan][bad[:4]].tolist()} vs "
