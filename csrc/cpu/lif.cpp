@@ -161,51 +161,28 @@ std::string cpu_lif_isa_name() {
 
 namespace {
 
-template <typename scalar_t, typename acc_t>
-void run_fwd(const FwdArgs<scalar_t, acc_t>& a) {
+// Calls f(tag) with the IsaTag of the build that runs scalar_t here. fp32 and bf16 (CPU autocast)
+// have AVX builds; each extra (ISA, dtype) pair adds ~40 template instances (~20 s on CI's 2 cores).
+// Measured, one thread, T=4, N=2^16, bf16 sigmoid backward: base 2.96, AVX2 1.34, AVX-512 0.89 ns
+// per element-step. The generic lambda keeps the AVX instances of other dtypes from being compiled.
+template <typename scalar_t, typename F>
+void with_isa(F&& f) {
 #ifdef LASNN_LIF_X86_DISPATCH
-  // fp32 and bf16 (CPU autocast) get the AVX builds; each extra (ISA, dtype) pair adds ~40 template
-  // instances (~20 s on CI's 2 cores). Measured, one thread, T=4, N=2^16, bf16 sigmoid backward:
-  // base 2.96, AVX2 1.34, AVX-512 0.89 ns per element-step.
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     switch (isa()) {
       case Isa::kAvx512:
-        cpu_lif::isa_avx512::lif_fwd<scalar_t, acc_t>(a);
+        f(cpu_lif::isa_avx512::IsaTag{});
         return;
       case Isa::kAvx2:
-        cpu_lif::isa_avx2::lif_fwd<scalar_t, acc_t>(a);
+        f(cpu_lif::isa_avx2::IsaTag{});
         return;
       default:
         break;
     }
   }
 #endif
-  cpu_lif::isa_base::lif_fwd<scalar_t, acc_t>(a);
+  f(cpu_lif::isa_base::IsaTag{});
 }
-
-template <typename scalar_t, typename acc_t>
-void run_bwd(const BwdArgs<scalar_t, acc_t>& a) {
-#ifdef LASNN_LIF_X86_DISPATCH
-  // fp32 and bf16 (CPU autocast) get the AVX builds; each extra (ISA, dtype) pair adds ~40 template
-  // instances (~20 s on CI's 2 cores). Measured, one thread, T=4, N=2^16, bf16 sigmoid backward:
-  // base 2.96, AVX2 1.34, AVX-512 0.89 ns per element-step.
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    switch (isa()) {
-      case Isa::kAvx512:
-        cpu_lif::isa_avx512::lif_bwd<scalar_t, acc_t>(a);
-        return;
-      case Isa::kAvx2:
-        cpu_lif::isa_avx2::lif_bwd<scalar_t, acc_t>(a);
-        return;
-      default:
-        break;
-    }
-  }
-#endif
-  cpu_lif::isa_base::lif_bwd<scalar_t, acc_t>(a);
-}
-
-
 
 std::tuple<at::Tensor, at::Tensor> lif_fwd_cpu(const at::Tensor& x_, const std::optional<at::Tensor>& v_init_,
                                                double tau, double v_threshold, double v_reset, bool soft_reset,
@@ -233,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> lif_fwd_cpu(const at::Tensor& x_, const std::
     a.T = T;
     a.N = N;
     a.P = make_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input, false, 0, 1.0);
-    run_fwd(a);
+    with_isa<scalar_t>([&](auto tag) { lif_fwd(tag, a); });
   });
   return {spikes, v_last};
 }
@@ -277,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cpu(const at::Tensor& grad_spikes_, c
     a.T = T;
     a.N = N;
     a.P = make_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha);
-    run_bwd(a);
+    with_isa<scalar_t>([&](auto tag) { lif_bwd(tag, a); });
   });
   return {grad_x, grad_v_init};
 }
@@ -292,6 +269,10 @@ TORCH_LIBRARY_IMPL(lasnn, CPU, m) {
 }  // namespace lasnn
 
 #else  // LASNN_LIF_CPU_BODY: the kernels, compiled once per instruction set (namespace set by the includer).
+
+// Names this instruction set's build: the launcher calls lif_fwd(tag, args) / lif_bwd(tag, args) and
+// argument-dependent lookup picks the namespace (see with_isa).
+struct IsaTag {};
 
 // The formulas are lasnn_math.h's compile-time-flag forms (charge, spike, reset, backward_step).
 // setup.py compiles with -fno-trapping-math: under gcc's default -ftrapping-math a compare such as
@@ -345,7 +326,7 @@ inline int64_t grain_for(int64_t T, int64_t block) {
 }
 
 template <typename scalar_t, typename acc_t>
-void lif_fwd(const cpu_lif::FwdArgs<scalar_t, acc_t>& a) {
+void lif_fwd(IsaTag, const cpu_lif::FwdArgs<scalar_t, acc_t>& a) {
   using Fn = void (*)(const cpu_lif::FwdArgs<scalar_t, acc_t>&, int64_t, int64_t);
   Fn fn;
   if (a.P.soft_reset) {
@@ -465,7 +446,7 @@ void (*pick_bwd_detach(bool detach, int64_t sg))(const cpu_lif::BwdArgs<scalar_t
 }
 
 template <typename scalar_t, typename acc_t>
-void lif_bwd(const cpu_lif::BwdArgs<scalar_t, acc_t>& a) {
+void lif_bwd(IsaTag, const cpu_lif::BwdArgs<scalar_t, acc_t>& a) {
   using Fn = void (*)(const cpu_lif::BwdArgs<scalar_t, acc_t>&, int64_t, int64_t);
   const auto& P = a.P;
   Fn fn;
