@@ -31,7 +31,7 @@ def keep_cpu_memory(mmap_threshold: int = 1 << 30) -> bool:
     once freed, stay in the process for reuse (no trimming). Resident memory then stays at its peak
     instead of shrinking after each step. The effect is the same as starting Python with
     ``MALLOC_MMAP_THRESHOLD_=<mmap_threshold> MALLOC_TRIM_THRESHOLD_=2147483647``. The ``lasnn``
-    commands call it on CPU runs unless ``LASNN_KEEP_CPU_MEMORY=0``.
+    commands call it when they start, unless ``LASNN_KEEP_CPU_MEMORY=0``.
 
     Args:
         mmap_threshold: blocks of at least this many bytes are still mmapped afresh (and unmapped on

@@ -415,7 +415,8 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
         const int64_t i1 = std::min(nb, i0 + kPfChunk);
         for (int64_t i = i0; i < i1; ++i) {
           acc_t g = gv[i];
-          const acc_t gx = backward_step<SOFT, DECAY, DETACH, SG>(ht[i], load<acc_t>(gst, i), &g, inv_tau, vth, vr, alpha);
+          const acc_t gx =
+              backward_step<SOFT, DECAY, DETACH, SG>(ht[i], load<acc_t>(gst, i), &g, inv_tau, vth, vr, alpha);
           gv[i] = g;
           gxt[i] = static_cast<scalar_t>(gx);
         }
