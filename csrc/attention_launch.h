@@ -5,6 +5,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
@@ -33,6 +35,29 @@ inline at::ScalarType attention_map_dtype(at::ScalarType t) { return t == at::kD
 inline std::vector<int64_t> attention_map_shape(const at::Tensor& feat, bool time_mean) {
   if (time_mean) return {feat.size(1), feat.size(3)};
   return {feat.size(0), feat.size(1), feat.size(3)};
+}
+
+// The rows the kernels walk: R rows of [C, S], each averaged over TT steps that lie tstride = B*C*S
+// apart. Time mean: R = B, TT = T; per step: R = T*B, TT = 1 ([T, B, C, S] contiguous is [T*B, C, S]).
+struct AttentionRows {
+  int64_t R, TT;
+};
+
+inline AttentionRows attention_rows(const at::Tensor& feat, bool time_mean) {
+  return time_mean ? AttentionRows{feat.size(1), feat.size(0)} : AttentionRows{feat.size(0) * feat.size(1), 1};
+}
+
+// The backward's output buffer. In the time mean every step's gradient is the same (the mean is
+// linear), so only one [1, B, C, S] slab is written and attention_grad_result returns it expanded over
+// T (stride 0), as torch's own mean backward does: a student-sized write saved (and the page faults of
+// a fresh student-sized buffer); consumers that need it dense materialise it.
+inline at::Tensor attention_grad_buffer(const at::Tensor& feat, bool time_mean) {
+  return time_mean ? at::empty({1, feat.size(1), feat.size(2), feat.size(3)}, feat.options())
+                   : at::empty_like(feat, at::MemoryFormat::Contiguous);
+}
+
+inline at::Tensor attention_grad_result(const at::Tensor& buffer, const at::Tensor& feat, bool time_mean) {
+  return time_mean ? buffer.expand(feat.sizes()) : buffer;
 }
 
 // The backward's incoming gradient must match the map the forward returned, on feat's device.

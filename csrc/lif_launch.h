@@ -1,9 +1,13 @@
 // Launcher-side pieces of the LIF op shared by csrc/cpu/lif.cpp and csrc/cuda/lif.cu (host code only):
-// argument checks (ValueError/TypeError naming the argument) and the derivation of the kernel
-// parameters, so both backends validate alike and run the same arithmetic.
+// argument checks (ValueError/TypeError naming the argument), the preparation of the input and output
+// tensors, and the derivation of the kernel parameters, so both backends validate alike, handle the
+// empty cases alike and run the same arithmetic.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -52,6 +56,56 @@ inline void check_lif_bwd_grads(const at::Tensor& grad_spikes, const std::option
     TORCH_CHECK_VALUE(grad_v_last->device() == x.device(), "lasnn::lif_bwd: grad_v_last is on ",
                       grad_v_last->device(), " but x is on ", x.device());
   }
+}
+
+// The tensors of one lif_fwd call, after the checks: inputs contiguous, outputs allocated. `done`: no
+// step or no neuron, so there is nothing to launch (v_last is then v_init, or zeros).
+struct LifFwdTensors {
+  at::Tensor x, v_init, spikes, v_last;
+  bool done;
+};
+
+inline LifFwdTensors prepare_lif_fwd(const at::Tensor& x_, const std::optional<at::Tensor>& v_init_) {
+  LifFwdTensors t;
+  t.x = x_.contiguous();
+  const int64_t T = t.x.size(0), N = t.x.size(1);
+  if (v_init_.has_value()) t.v_init = v_init_->contiguous();
+  t.spikes = at::empty_like(t.x, at::MemoryFormat::Contiguous);
+  t.done = T == 0 || N == 0;
+  if (t.done) {
+    t.v_last = t.v_init.defined() ? t.v_init.clone() : at::zeros({N}, t.x.options());
+  } else {
+    t.v_last = at::empty({N}, t.x.options());
+  }
+  return t;
+}
+
+// The same for lif_bwd: the incoming gradients are cast to x's dtype. `done`: no step or no neuron;
+// grad_v_init is then dL/dv_last (or zeros).
+struct LifBwdTensors {
+  at::Tensor x, gs, v_init, gvl, grad_x, grad_v_init;
+  bool done;
+};
+
+inline LifBwdTensors prepare_lif_bwd(const at::Tensor& grad_spikes_, const std::optional<at::Tensor>& grad_v_last_,
+                                     const at::Tensor& x_, const std::optional<at::Tensor>& v_init_) {
+  LifBwdTensors t;
+  t.x = x_.contiguous();
+  t.gs = grad_spikes_.to(t.x.scalar_type()).contiguous();
+  const int64_t T = t.x.size(0), N = t.x.size(1);
+  if (v_init_.has_value()) t.v_init = v_init_->contiguous();
+  if (grad_v_last_.has_value()) t.gvl = grad_v_last_->to(t.x.scalar_type()).contiguous();
+  t.grad_x = at::empty_like(t.x, at::MemoryFormat::Contiguous);
+  t.grad_v_init = at::empty({N}, t.x.options());
+  t.done = T == 0 || N == 0;
+  if (t.done) {
+    if (t.gvl.defined()) {
+      t.grad_v_init.copy_(t.gvl);
+    } else {
+      t.grad_v_init.zero_();
+    }
+  }
+  return t;
 }
 
 }  // namespace lasnn

@@ -66,6 +66,16 @@ if triton is not None:
         return r
 
     @triton.jit
+    def _time_sum(pc, mask, TT, tstride, BLOCK: tl.constexpr):
+        """[BLOCK] fp32 sum over the TT steps (tstride apart) of the values at pc."""
+        tm = tl.zeros([BLOCK], dtype=tl.float32)
+        pt = pc
+        for _t in range(0, TT):
+            tm += tl.load(pt, mask=mask, other=0.0).to(tl.float32)
+            pt += tstride
+        return tm
+
+    @triton.jit
     def _attention_map_fwd_kernel(
         x_ptr, out_ptr, C, S, TT, tstride, p, inv_c, inv_t, POW: tl.constexpr, BLOCK: tl.constexpr
     ):
@@ -75,11 +85,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         pc = x_ptr + row * C * S + offs
         for _c in range(0, C):
-            tm = tl.zeros([BLOCK], dtype=tl.float32)
-            pt = pc
-            for _t in range(0, TT):
-                tm += tl.load(pt, mask=mask, other=0.0).to(tl.float32)
-                pt += tstride
+            tm = _time_sum(pc, mask, TT, tstride, BLOCK)
             acc += _abs_pow(tm * inv_t, p, POW)
             pc += S
         tl.store(out_ptr + row * S + offs, acc * inv_c, mask=mask)
@@ -97,11 +103,7 @@ if triton is not None:
         pc = x_ptr + base
         qc = gx_ptr + base
         for _c in range(0, C):
-            tm = tl.zeros([BLOCK], dtype=tl.float32)
-            pt = pc
-            for _t in range(0, TT):
-                tm += tl.load(pt, mask=mask, other=0.0).to(tl.float32)
-                pt += tstride
+            tm = _time_sum(pc, mask, TT, tstride, BLOCK)
             # The same gradient for every step: one store, the launcher expands it over T.
             tl.store(qc, (gs * _abs_pow_grad(tm * inv_t, p, POW)).to(gx_ptr.dtype.element_ty), mask=mask)
             pc += S

@@ -75,6 +75,15 @@ if triton is not None:
         return g
 
     @triton.jit
+    def _load_or_zero(ptr, offs, mask, HAS: tl.constexpr, BLOCK: tl.constexpr):
+        """[BLOCK] fp32 values of an optional [N] tensor (v_init, grad_v_last); zeros when absent."""
+        if HAS:
+            r = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            r = tl.zeros([BLOCK], dtype=tl.float32)
+        return r
+
+    @triton.jit
     def _charge(v, x, inv_tau, v_r, DECAY_INPUT: tl.constexpr):
         # v_r is 0 for soft reset (the launcher passes it so).
         if DECAY_INPUT:
@@ -146,10 +155,7 @@ if triton is not None:
         """Forward: spikes [T, N] and v_last [N] from x [T, N] and v_init [N]."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
-        if HAS_V0:
-            v = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            v = tl.zeros([BLOCK], dtype=tl.float32)
+        v = _load_or_zero(v0_ptr, offs, mask, HAS_V0, BLOCK)
         row = offs  # t * N + n, int64
         for _ in range(T):
             x = tl.load(x_ptr + row, mask=mask, other=0.0).to(tl.float32)
@@ -185,10 +191,7 @@ if triton is not None:
         """Backward: grad_x [T, N], grad_v_init [N] from grad_spikes [T, N], grad_v_last [N], x, v_init."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
-        if HAS_V0:
-            v = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            v = tl.zeros([BLOCK], dtype=tl.float32)
+        v = _load_or_zero(v0_ptr, offs, mask, HAS_V0, BLOCK)
         row = offs
         for _ in range(T):
             x = tl.load(x_ptr + row, mask=mask, other=0.0).to(tl.float32)
@@ -199,10 +202,7 @@ if triton is not None:
         # The H written above is read back below by this program; the barrier makes those global
         # writes visible across the program's threads whatever layout the compiler picks.
         tl.debug_barrier()
-        if HAS_GVL:
-            gv = tl.load(gvl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            gv = tl.zeros([BLOCK], dtype=tl.float32)
+        gv = _load_or_zero(gvl_ptr, offs, mask, HAS_GVL, BLOCK)
         for _ in range(T):
             row -= N
             h = tl.load(h_ptr + row, mask=mask, other=0.0)
@@ -242,20 +242,14 @@ if triton is not None:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         n64 = N.to(tl.int64)  # so that t * N cannot overflow 32 bits
-        if HAS_V0:
-            v = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            v = tl.zeros([BLOCK], dtype=tl.float32)
+        v = _load_or_zero(v0_ptr, offs, mask, HAS_V0, BLOCK)
         hs = ()
         for t in tl.static_range(TC):
             x = tl.load(x_ptr + offs + t * n64, mask=mask & (t < T), other=0.0).to(tl.float32)
             h = _charge(v, x, inv_tau, v_r, DECAY_INPUT)
             _, v = _fire_reset(h, v_th, v_r, SOFT_RESET)
             hs = hs + (h,)  # noqa: RUF005  (the Triton frontend concatenates tuples; no starred unpacking)
-        if HAS_GVL:
-            gv = tl.load(gvl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            gv = tl.zeros([BLOCK], dtype=tl.float32)
+        gv = _load_or_zero(gvl_ptr, offs, mask, HAS_GVL, BLOCK)
         for r in tl.static_range(TC - 1, -1, -1):
             live = r < T
             row = offs + r * n64

@@ -46,15 +46,39 @@ int64_t pick_tile(int64_t R, int64_t S) {
   return std::max<int64_t>(16, std::min(kTile, tile));
 }
 
+// How fwd_impl / bwd_impl split R rows x S positions into (row, tile) work items for the threads.
+struct TilePlan {
+  int64_t tile, ntiles, grain;
+};
+
+TilePlan plan_tiles(int64_t R, int64_t TT, int64_t C, int64_t S) {
+  TilePlan plan;
+  plan.tile = pick_tile(R, S);
+  plan.ntiles = (S + plan.tile - 1) / plan.tile;
+  // At least ~32k element reads per task, so small maps are not cut into tiny OpenMP chunks.
+  const int64_t work_per_item = std::max<int64_t>(1, C * TT * std::min(S, plan.tile));
+  plan.grain = std::max<int64_t>(1, (int64_t(1) << 15) / work_per_item);
+  return plan;
+}
+
+// tm[0..n) = sum over the TT steps of xc[t * tstride + i], in acc_t (TT >= 2).
+template <typename scalar_t, typename acc_t>
+inline void time_sum(acc_t* __restrict__ tm, const scalar_t* xc, int64_t TT, int64_t tstride, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) tm[i] = acc_t(xc[i]);
+  for (int64_t t = 1; t < TT; ++t) {
+    const scalar_t* xt = xc + t * tstride;
+    _Pragma("omp simd")
+    for (int64_t i = 0; i < n; ++i) tm[i] += acc_t(xt[i]);
+  }
+}
+
 template <int PK, typename scalar_t, typename acc_t>
 void fwd_impl(const scalar_t* x, acc_t* out, int64_t R, int64_t TT, int64_t C, int64_t S, int64_t tstride,
               acc_t p) {
-  const int64_t tile = pick_tile(R, S);
-  const int64_t ntiles = (S + tile - 1) / tile;
+  const TilePlan plan = plan_tiles(R, TT, C, S);
+  const int64_t tile = plan.tile, ntiles = plan.ntiles;
   const acc_t inv_t = acc_t(1) / acc_t(TT), inv_c = acc_t(1) / acc_t(C);
-  const int64_t work_per_item = std::max<int64_t>(1, C * TT * std::min(S, tile));
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / work_per_item);
-  at::parallel_for(0, R * ntiles, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R * ntiles, plan.grain, [&](int64_t begin, int64_t end) {
     acc_t acc[kTile];
     acc_t tm[kTile];
     for (int64_t w = begin; w < end; ++w) {
@@ -67,12 +91,7 @@ void fwd_impl(const scalar_t* x, acc_t* out, int64_t R, int64_t TT, int64_t C, i
           _Pragma("omp simd")
           for (int64_t i = 0; i < n; ++i) acc[i] += abs_pow<PK, acc_t>(acc_t(xc[i]), p);
         } else {
-          for (int64_t i = 0; i < n; ++i) tm[i] = acc_t(xc[i]);
-          for (int64_t t = 1; t < TT; ++t) {
-            const scalar_t* xt = xc + t * tstride;
-            _Pragma("omp simd")
-            for (int64_t i = 0; i < n; ++i) tm[i] += acc_t(xt[i]);
-          }
+          time_sum(tm, xc, TT, tstride, n);
           _Pragma("omp simd")
           for (int64_t i = 0; i < n; ++i) acc[i] += abs_pow<PK, acc_t>(tm[i] * inv_t, p);
         }
@@ -86,12 +105,10 @@ void fwd_impl(const scalar_t* x, acc_t* out, int64_t R, int64_t TT, int64_t C, i
 template <int PK, typename scalar_t, typename acc_t>
 void bwd_impl(const acc_t* g, const scalar_t* x, scalar_t* gx, int64_t R, int64_t TT, int64_t C, int64_t S,
               int64_t tstride, acc_t p) {
-  const int64_t tile = pick_tile(R, S);
-  const int64_t ntiles = (S + tile - 1) / tile;
+  const TilePlan plan = plan_tiles(R, TT, C, S);
+  const int64_t tile = plan.tile, ntiles = plan.ntiles;
   const acc_t inv_t = acc_t(1) / acc_t(TT), inv_c = acc_t(1) / acc_t(C);
-  const int64_t work_per_item = std::max<int64_t>(1, C * TT * std::min(S, tile));
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / work_per_item);
-  at::parallel_for(0, R * ntiles, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R * ntiles, plan.grain, [&](int64_t begin, int64_t end) {
     acc_t gs[kTile];
     acc_t tm[kTile];
     for (int64_t w = begin; w < end; ++w) {
@@ -107,12 +124,7 @@ void bwd_impl(const acc_t* g, const scalar_t* x, scalar_t* gx, int64_t R, int64_
           _Pragma("omp simd")
           for (int64_t i = 0; i < n; ++i) gc[i] = scalar_t(gs[i] * abs_pow_grad<PK, acc_t>(acc_t(xc[i]), p));
         } else {
-          for (int64_t i = 0; i < n; ++i) tm[i] = acc_t(xc[i]);
-          for (int64_t t = 1; t < TT; ++t) {
-            const scalar_t* xt = xc + t * tstride;
-            _Pragma("omp simd")
-            for (int64_t i = 0; i < n; ++i) tm[i] += acc_t(xt[i]);
-          }
+          time_sum(tm, xc, TT, tstride, n);
           // Every step gets the same gradient (the time mean is linear): gx holds one step, which the
           // caller returns expanded over T.
           _Pragma("omp simd")
@@ -133,8 +145,8 @@ at::Tensor attention_map_fwd_cpu(const at::Tensor& feat_, double p, bool time_me
   if (out.numel() == 0) return out;
   // The mean over zero steps is NaN, as torch's mean of an empty dimension.
   if (T == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());
-  const int64_t R = time_mean ? B : T * B;
-  const int64_t TT = time_mean ? T : 1;
+  const AttentionRows rows = attention_rows(feat, time_mean);
+  const int64_t R = rows.R, TT = rows.TT;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "attention_map_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = feat.data_ptr<scalar_t>();
@@ -152,15 +164,11 @@ at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map_, const at::Tensor& 
   check_attention_grad_map(grad_map_, feat_, time_mean);
   const at::Tensor feat = feat_.contiguous();
   const at::Tensor g = grad_map_.to(attention_map_dtype(feat.scalar_type())).contiguous();
-  const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
-  // Time mean: every step's gradient is the same, so one [1, B, C, S] slab is written and returned
-  // expanded over T (stride 0), as torch's own mean backward does: a student-sized write (and the page
-  // faults of a fresh student-sized buffer) saved; consumers that need it dense materialise it.
-  at::Tensor grad_feat =
-      time_mean ? at::empty({1, B, C, S}, feat.options()) : at::empty_like(feat, at::MemoryFormat::Contiguous);
-  if (grad_feat.numel() == 0 || feat.numel() == 0) return time_mean ? grad_feat.expand({T, B, C, S}) : grad_feat;
-  const int64_t R = time_mean ? B : T * B;
-  const int64_t TT = time_mean ? T : 1;
+  const int64_t B = feat.size(1), C = feat.size(2), S = feat.size(3);
+  at::Tensor grad_feat = attention_grad_buffer(feat, time_mean);
+  if (grad_feat.numel() == 0 || feat.numel() == 0) return attention_grad_result(grad_feat, feat, time_mean);
+  const AttentionRows rows = attention_rows(feat, time_mean);
+  const int64_t R = rows.R, TT = rows.TT;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "attention_map_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = feat.data_ptr<scalar_t>();
@@ -170,7 +178,7 @@ at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map_, const at::Tensor& 
       bwd_impl<decltype(pk)::value, scalar_t, acc_t>(gp, x, gx, R, TT, C, S, B * C * S, acc_t(p));
     });
   });
-  return time_mean ? grad_feat.expand({T, B, C, S}) : grad_feat;
+  return attention_grad_result(grad_feat, feat, time_mean);
 }
 
 }  // namespace

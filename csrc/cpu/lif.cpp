@@ -189,16 +189,10 @@ std::tuple<at::Tensor, at::Tensor> lif_fwd_cpu(const at::Tensor& x_, const std::
                                                bool decay_input) {
   check_lif_inputs(x_, v_init_, tau, v_threshold, v_reset, 1.0, "lasnn::lif_fwd");
   TORCH_CHECK_VALUE(x_.device().is_cpu(), "lasnn::lif_fwd (cpu): x must be on CPU");
-  const at::Tensor x = x_.contiguous();
+  const LifFwdTensors t = prepare_lif_fwd(x_, v_init_);
+  if (t.done) return {t.spikes, t.v_last};
+  const at::Tensor &x = t.x, &v_init = t.v_init, &spikes = t.spikes, &v_last = t.v_last;
   const int64_t T = x.size(0), N = x.size(1);
-  at::Tensor spikes = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor v_init;
-  if (v_init_.has_value()) v_init = v_init_->contiguous();
-  if (T == 0) {
-    return {spikes, v_init.defined() ? v_init.clone() : at::zeros({N}, x.options())};
-  }
-  at::Tensor v_last = at::empty({N}, x.options());
-  if (N == 0) return {spikes, v_last};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -226,21 +220,11 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cpu(const at::Tensor& grad_spikes_, c
   check_lif_inputs(x_, v_init_, tau, v_threshold, v_reset, alpha, "lasnn::lif_bwd");
   TORCH_CHECK_VALUE(x_.device().is_cpu(), "lasnn::lif_bwd (cpu): x must be on CPU");
   check_lif_bwd_grads(grad_spikes_, grad_v_last_, x_, surrogate);
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor gs = grad_spikes_.to(x.scalar_type()).contiguous();
+  const LifBwdTensors t = prepare_lif_bwd(grad_spikes_, grad_v_last_, x_, v_init_);
+  if (t.done) return {t.grad_x, t.grad_v_init};
+  const at::Tensor &x = t.x, &gs = t.gs, &v_init = t.v_init, &gvl = t.gvl;
+  const at::Tensor &grad_x = t.grad_x, &grad_v_init = t.grad_v_init;
   const int64_t T = x.size(0), N = x.size(1);
-  at::Tensor v_init, gvl;
-  if (v_init_.has_value()) v_init = v_init_->contiguous();
-  if (grad_v_last_.has_value()) {
-    gvl = grad_v_last_->to(x.scalar_type()).contiguous();
-  }
-  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor grad_v_init = at::empty({N}, x.options());
-  if (T == 0) {
-    if (gvl.defined()) grad_v_init.copy_(gvl); else grad_v_init.zero_();
-    return {grad_x, grad_v_init};
-  }
-  if (N == 0) return {grad_x, grad_v_init};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -284,6 +268,16 @@ inline acc_t load(const scalar_t* p, int64_t i) {
   return static_cast<acc_t>(p[i]);
 }
 
+// dst[0..n) = src[0..n) in acc_t, or zeros when src is null (an optional v_init / grad_v_last).
+template <typename acc_t, typename scalar_t>
+inline void load_or_zero(acc_t* __restrict__ dst, const scalar_t* src, int64_t n) {
+  if (src != nullptr) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = load<acc_t>(src, i);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = acc_t(0);
+  }
+}
+
 // Neurons per block: the membrane (and in the backward T x block charges) stay in L1/L2 while the
 // T rows of x stream through. Measured on an EPYC (Zen 4) with LASNN_CPU_LIF_BLOCK, T=4, N=2^20,
 // one thread: 64 -> 1.8 ms, 256 -> 1.1, 1024 -> 1.0, 4096 -> 2.3 (forward); the backward was flat
@@ -301,11 +295,7 @@ void fwd_range(const cpu_lif::FwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
   alignas(64) acc_t v[kFwdMaxBlock];
   for (int64_t n0 = begin; n0 < end; n0 += blk) {
     const int64_t nb = std::min(blk, end - n0);
-    if (a.v0 != nullptr) {
-      for (int64_t i = 0; i < nb; ++i) v[i] = load<acc_t>(a.v0 + n0, i);
-    } else {
-      for (int64_t i = 0; i < nb; ++i) v[i] = acc_t(0);
-    }
+    load_or_zero(v, a.v0 != nullptr ? a.v0 + n0 : nullptr, nb);
     for (int64_t t = 0; t < T; ++t) {
       const scalar_t* __restrict__ xt = a.x + t * N + n0;
       scalar_t* __restrict__ st = a.spikes + t * N + n0;
@@ -371,11 +361,7 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
   const acc_t inv_tau = a.P.inv_tau, vth = a.P.v_threshold, vr = a.P.v_reset, alpha = a.P.alpha;
   for (int64_t n0 = begin; n0 < end; n0 += blk) {
     const int64_t nb = std::min(blk, end - n0);
-    if (a.v0 != nullptr) {
-      for (int64_t i = 0; i < nb; ++i) v[i] = load<acc_t>(a.v0 + n0, i);
-    } else {
-      for (int64_t i = 0; i < nb; ++i) v[i] = acc_t(0);
-    }
+    load_or_zero(v, a.v0 != nullptr ? a.v0 + n0 : nullptr, nb);
     for (int64_t t = 0; t < T; ++t) {
       const scalar_t* __restrict__ xt = a.x + t * N + n0;
       acc_t* __restrict__ ht = hbuf + t * blk;
@@ -392,11 +378,7 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
         }
       }
     }
-    if (a.gvl != nullptr) {
-      for (int64_t i = 0; i < nb; ++i) gv[i] = load<acc_t>(a.gvl + n0, i);
-    } else {
-      for (int64_t i = 0; i < nb; ++i) gv[i] = acc_t(0);
-    }
+    load_or_zero(gv, a.gvl != nullptr ? a.gvl + n0 : nullptr, nb);
     for (int64_t t = T - 1; t >= 0; --t) {
       const acc_t* __restrict__ ht = hbuf + t * blk;
       const scalar_t* __restrict__ gst = a.gs + t * N + n0;

@@ -119,8 +119,8 @@ at::Tensor attention_map_fwd_cuda(const at::Tensor& feat_, double p, bool time_m
                              feat.options().dtype(attention_map_dtype(feat.scalar_type())));
   if (out.numel() == 0) return out;
   if (T == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());  // mean over zero steps
-  const int64_t R = time_mean ? B : T * B;
-  const int64_t TT = time_mean ? T : 1;
+  const AttentionRows rows = attention_rows(feat, time_mean);
+  const int64_t R = rows.R, TT = rows.TT;
   const int64_t ntiles = (S + kTileS - 1) / kTileS;
   TORCH_CHECK_VALUE(R * ntiles <= int64_t(std::numeric_limits<int32_t>::max()),
                     "lasnn::attention_map_fwd (cuda): too many (row, tile) blocks: ", R * ntiles);
@@ -146,14 +146,11 @@ at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map_, const at::Tensor&
   const c10::cuda::CUDAGuard guard(feat_.device());
   const at::Tensor feat = feat_.contiguous();
   const at::Tensor g = grad_map_.to(attention_map_dtype(feat.scalar_type())).contiguous();
-  const int64_t T = feat.size(0), B = feat.size(1), C = feat.size(2), S = feat.size(3);
-  // Time mean: every step's gradient is the same; one [1, B, C, S] slab is written and returned
-  // expanded over T (stride 0), as torch's mean backward does.
-  at::Tensor grad_feat =
-      time_mean ? at::empty({1, B, C, S}, feat.options()) : at::empty_like(feat, at::MemoryFormat::Contiguous);
-  if (grad_feat.numel() == 0 || feat.numel() == 0) return time_mean ? grad_feat.expand({T, B, C, S}) : grad_feat;
-  const int64_t R = time_mean ? B : T * B;
-  const int64_t TT = time_mean ? T : 1;
+  const int64_t B = feat.size(1), C = feat.size(2), S = feat.size(3);
+  at::Tensor grad_feat = attention_grad_buffer(feat, time_mean);
+  if (grad_feat.numel() == 0 || feat.numel() == 0) return attention_grad_result(grad_feat, feat, time_mean);
+  const AttentionRows rows = attention_rows(feat, time_mean);
+  const int64_t R = rows.R, TT = rows.TT;
   const int64_t n = R * C * S;
   const int64_t blocks = std::min<int64_t>((n + kBwdThreads - 1) / kBwdThreads, int64_t(1) << 20);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(feat.device().index()).stream();
@@ -171,7 +168,7 @@ at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map_, const at::Tensor&
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return time_mean ? grad_feat.expand({T, B, C, S}) : grad_feat;
+  return attention_grad_result(grad_feat, feat, time_mean);
 }
 
 }  // namespace

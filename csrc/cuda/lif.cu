@@ -107,6 +107,17 @@ __device__ __forceinline__ void load_acc(const T* p, typename Storage<T>::acc_t 
   for (int j = 0; j < VEC; ++j) out[j] = Storage<T>::load(pk.v[j]);
 }
 
+// load_acc of p + n0, or zeros when p is null (an optional v_init / grad_v_last).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_acc_or_zero(const T* p, int64_t n0, typename Storage<T>::acc_t (&out)[VEC]) {
+  if (p != nullptr) {
+    load_acc<T, VEC>(p + n0, out);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = typename Storage<T>::acc_t(0);
+  }
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void store_acc(T* p, const typename Storage<T>::acc_t (&in)[VEC]) {
   Pack<T, VEC> pk;
@@ -129,12 +140,7 @@ __global__ void __launch_bounds__(128) lif_fwd_kernel(const scalar_t* __restrict
   // N % VEC == 0 on the vectorised path, so a group is either wholly inside or wholly outside.
   if (n0 >= N) return;
   acc_t v[VEC];
-  if (v0 != nullptr) {
-    load_acc<scalar_t, VEC>(v0 + n0, v);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = acc_t(0);
-  }
+  load_acc_or_zero<scalar_t, VEC>(v0, n0, v);
   const scalar_t* xp = x + n0;
   scalar_t* sp = spikes + n0;
   // Unrolling lets the loads of the next steps issue before this step's recurrence finishes.
@@ -178,12 +184,7 @@ __global__ void __launch_bounds__(128) lif_bwd_kernel(const scalar_t* __restrict
   }
 
   acc_t v[VEC];
-  if (v0 != nullptr) {
-    load_acc<scalar_t, VEC>(v0 + n0, v);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = acc_t(0);
-  }
+  load_acc_or_zero<scalar_t, VEC>(v0, n0, v);
   const scalar_t* xp = x + n0;
 #pragma unroll 4
   for (int64_t t = 0; t < T; ++t) {
@@ -204,12 +205,7 @@ __global__ void __launch_bounds__(128) lif_bwd_kernel(const scalar_t* __restrict
   }
 
   acc_t gv[VEC];  // dL/dV_t, flowing backwards
-  if (gvl != nullptr) {
-    load_acc<scalar_t, VEC>(gvl + n0, gv);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) gv[j] = acc_t(0);
-  }
+  load_acc_or_zero<scalar_t, VEC>(gvl, n0, gv);
   const scalar_t* gsp = gs + n0;
   scalar_t* gxp = gx + n0;
 #pragma unroll 4
@@ -382,16 +378,10 @@ std::tuple<at::Tensor, at::Tensor> lif_fwd_cuda(const at::Tensor& x_, const std:
                                                 bool decay_input) {
   check_lif_inputs_cuda(x_, v_init_, tau, v_threshold, v_reset, 1.0, "lasnn::lif_fwd");
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous();
-  const int64_t T = x.size(0), N = x.size(1);
-  at::Tensor v_init;
-  if (v_init_.has_value()) v_init = v_init_->contiguous();
-  at::Tensor spikes = at::empty_like(x);
-  if (T == 0 || N == 0) {
-    at::Tensor v_last = v_init.defined() ? v_init.clone() : at::zeros({N}, x.options());
-    return {spikes, v_last};
-  }
-  at::Tensor v_last = at::empty({N}, x.options());
+  LifFwdTensors t = prepare_lif_fwd(x_, v_init_);
+  if (t.done) return {t.spikes, t.v_last};
+  const at::Tensor &x = t.x, &v_init = t.v_init;
+  at::Tensor &spikes = t.spikes, &v_last = t.v_last;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   dispatch_dtype(x.scalar_type(), "lasnn::lif_fwd", [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -408,25 +398,10 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cuda(const at::Tensor& grad_spikes_,
   check_lif_inputs_cuda(x_, v_init_, tau, v_threshold, v_reset, alpha, "lasnn::lif_bwd");
   check_lif_bwd_grads(grad_spikes_, grad_v_last_, x_, surrogate);
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor gs = grad_spikes_.to(x.scalar_type()).contiguous();
-  const int64_t T = x.size(0), N = x.size(1);
-  at::Tensor v_init, gvl;
-  if (v_init_.has_value()) v_init = v_init_->contiguous();
-  if (grad_v_last_.has_value()) {
-    gvl = grad_v_last_->to(x.scalar_type()).contiguous();
-  }
-  at::Tensor grad_x = at::empty_like(x);
-  at::Tensor grad_v_init = at::empty({N}, x.options());
-  if (T == 0 || N == 0) {
-    // No step to go through: dL/dv_init = dL/dv_last.
-    if (gvl.defined()) {
-      grad_v_init.copy_(gvl);
-    } else {
-      grad_v_init.zero_();
-    }
-    return {grad_x, grad_v_init};
-  }
+  LifBwdTensors t = prepare_lif_bwd(grad_spikes_, grad_v_last_, x_, v_init_);
+  if (t.done) return {t.grad_x, t.grad_v_init};
+  const at::Tensor &x = t.x, &gs = t.gs, &v_init = t.v_init, &gvl = t.gvl;
+  at::Tensor &grad_x = t.grad_x, &grad_v_init = t.grad_v_init;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   dispatch_dtype(x.scalar_type(), "lasnn::lif_bwd", [&](auto tag) {
     using scalar_t = decltype(tag);
