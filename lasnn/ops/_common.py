@@ -1,10 +1,15 @@
-"""Argument checks shared by the public ops: messages name the argument and what was expected."""
+"""Pieces shared by the public ops: argument checks (messages name the argument and what was
+expected) and the registration of each op's fake kernels and Triton ops."""
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
 
 import torch
+
+from lasnn import _ext
 
 
 def check_tensor(name: str, t: object, *, min_dim: int = 0, dims: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -35,3 +40,33 @@ def check_float(name: str, value: object, *, positive: bool = False, allow_inf: 
     if positive and v <= 0:
         raise ValueError(f"{name} must be > 0, got {v}")
     return v
+
+
+def register_op_pair(
+    op: str, fwd_schema: str, bwd_schema: str, fake_fwd: Callable, fake_bwd: Callable, kernel_module: str
+) -> torch.library.Library:
+    """Registers one op's forward/backward pair beyond its C++ schemas (csrc/ops.cpp).
+
+    - The fake kernels of ``lasnn::{op}_fwd`` / ``lasnn::{op}_bwd``, when ``lasnn._C`` has them.
+    - Opaque ops ``lasnn::{op}_fwd_triton`` / ``lasnn::{op}_bwd_triton`` with the same schemas and
+      fakes, implemented for CPU and CUDA by ``{op}_fwd_triton`` / ``{op}_bwd_triton`` of
+      ``lasnn.kernels.<kernel_module>``, imported on first call. Not ``triton_op``: those cannot be
+      opcheck'ed or compiled on a GPU-less machine; the CPU impl only works under TRITON_INTERPRET=1.
+
+    Returns the ``Library`` holding the Triton ops: the caller keeps it alive (a module global).
+    """
+    if _ext.c_has_op(f"{op}_fwd"):
+        torch.library.register_fake(f"lasnn::{op}_fwd")(fake_fwd)
+        torch.library.register_fake(f"lasnn::{op}_bwd")(fake_bwd)
+    lib = torch.library.Library("lasnn", "FRAGMENT")
+    for direction, schema, fake in (("fwd", fwd_schema, fake_fwd), ("bwd", bwd_schema, fake_bwd)):
+        name = f"{op}_{direction}_triton"
+        lib.define(name + schema)
+        torch.library.register_fake(f"lasnn::{name}", lib=lib)(fake)
+
+        def impl(*args, _name=name):
+            return getattr(importlib.import_module(f"lasnn.kernels.{kernel_module}"), _name)(*args)
+
+        for key in ("CPU", "CUDA"):
+            lib.impl(name, impl, key)
+    return lib

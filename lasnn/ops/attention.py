@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from lasnn import _ext, backends
-from lasnn.ops._common import check_float, check_tensor
+from lasnn import backends
+from lasnn.ops._common import check_float, check_tensor, register_op_pair
 from lasnn.reference.attention import (
     attention_map_raw_reference,
     compute_dtype,
@@ -44,34 +44,7 @@ def _fake_bwd(grad_map, feat, p, time_mean):
     return torch.empty_like(feat, memory_format=torch.contiguous_format)
 
 
-if _ext.c_has_op("attention_map_fwd"):
-    torch.library.register_fake("lasnn::attention_map_fwd")(_fake_fwd)
-    torch.library.register_fake("lasnn::attention_map_bwd")(_fake_bwd)
-
-# Triton kernels get their own opaque ops (triton_op cannot be opcheck'ed or compiled without a GPU);
-# the CPU impl only works under TRITON_INTERPRET=1.
-_lib = torch.library.Library("lasnn", "FRAGMENT")
-_lib.define("attention_map_fwd_triton" + _FWD_SCHEMA)
-_lib.define("attention_map_bwd_triton" + _BWD_SCHEMA)
-torch.library.register_fake("lasnn::attention_map_fwd_triton", lib=_lib)(_fake_fwd)
-torch.library.register_fake("lasnn::attention_map_bwd_triton", lib=_lib)(_fake_bwd)
-
-
-def _triton_fwd(feat, p, time_mean):
-    from lasnn.kernels.attention import attention_map_fwd_triton
-
-    return attention_map_fwd_triton(feat, p, time_mean)
-
-
-def _triton_bwd(grad_map, feat, p, time_mean):
-    from lasnn.kernels.attention import attention_map_bwd_triton
-
-    return attention_map_bwd_triton(grad_map, feat, p, time_mean)
-
-
-for _key in ("CPU", "CUDA"):
-    _lib.impl("attention_map_fwd_triton", _triton_fwd, _key)
-    _lib.impl("attention_map_bwd_triton", _triton_bwd, _key)
+_lib = register_op_pair("attention_map", _FWD_SCHEMA, _BWD_SCHEMA, _fake_fwd, _fake_bwd, "attention")
 
 
 def _ops(backend: str):

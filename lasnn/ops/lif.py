@@ -1,7 +1,8 @@
 """``lasnn.lif``: the multi-step LIF neuron, fused on every backend.
 
 Op schemas: csrc/ops.cpp (``lasnn::lif_fwd``, ``lasnn::lif_bwd``) and, for Triton,
-``lasnn::lif_fwd_triton``/``lasnn::lif_bwd_triton`` below. Oracle: lasnn/reference/lif.py.
+``lasnn::lif_fwd_triton``/``lasnn::lif_bwd_triton`` (same schemas, registered below by
+register_op_pair). Oracle: lasnn/reference/lif.py.
 Kernels: csrc/cpu/lif.cpp, csrc/cuda/lif.cu, kernels/lif.py. Tests: tests/test_lif.py.
 Bench: benches/bench_lif.py.
 """
@@ -12,8 +13,8 @@ import math
 
 import torch
 
-from lasnn import _ext, backends
-from lasnn.ops._common import check_float, check_tensor
+from lasnn import backends
+from lasnn.ops._common import check_float, check_tensor, register_op_pair
 from lasnn.reference.lif import SURROGATES, lif_reference
 
 __all__ = ["LIFFunction", "lif"]
@@ -37,34 +38,7 @@ def _fake_bwd(grad_spikes, grad_v_last, x, v_init, *args):
     return torch.empty_like(x), x.new_empty(x.shape[1:])
 
 
-if _ext.c_has_op("lif_fwd"):
-    torch.library.register_fake("lasnn::lif_fwd")(_fake_fwd)
-    torch.library.register_fake("lasnn::lif_bwd")(_fake_bwd)
-
-# The Triton kernels get their own opaque ops (not triton_op: those cannot be opcheck'ed or
-# compiled on a GPU-less machine); the CPU impl only works under TRITON_INTERPRET=1.
-_lib = torch.library.Library("lasnn", "FRAGMENT")
-_lib.define("lif_fwd_triton" + _FWD_SCHEMA)
-_lib.define("lif_bwd_triton" + _BWD_SCHEMA)
-torch.library.register_fake("lasnn::lif_fwd_triton", lib=_lib)(_fake_fwd)
-torch.library.register_fake("lasnn::lif_bwd_triton", lib=_lib)(_fake_bwd)
-
-
-def _triton_fwd(*args):
-    from lasnn.kernels.lif import lif_fwd_triton
-
-    return lif_fwd_triton(*args)
-
-
-def _triton_bwd(*args):
-    from lasnn.kernels.lif import lif_bwd_triton
-
-    return lif_bwd_triton(*args)
-
-
-for _key in ("CPU", "CUDA"):
-    _lib.impl("lif_fwd_triton", _triton_fwd, _key)
-    _lib.impl("lif_bwd_triton", _triton_bwd, _key)
+_lib = register_op_pair("lif", _FWD_SCHEMA, _BWD_SCHEMA, _fake_fwd, _fake_bwd, "lif")
 
 
 def _ops(backend: str):
