@@ -10,7 +10,7 @@ import sys
 
 from lasnn.runtime import keep_cpu_memory
 
-_COMMAND_MODULES = ("lasnn.models.cli", "lasnn.distill.cli", "lasnn.convert.cli")
+_COMMAND_MODULES = ("lasnn.models.cli", "lasnn.distill.cli", "lasnn.convert.cli", "lasnn.demo")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

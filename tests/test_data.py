@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +215,111 @@ def test_random_hflip_flips_some_samples_only():
     kept = [torch.equal(out[i], x[i]) for i in range(64)]
     assert all(f or k for f, k in zip(flipped, kept, strict=True))
     assert 10 < sum(flipped) < 54
+
+
+# ------------------------------------------------------------------------------ Fashion-MNIST (idx files)
+
+
+def _write_idx(path, arr: np.ndarray, *, compress: bool = False, cut: int = 0, extra: bytes = b"") -> None:
+    import gzip
+    import struct
+
+    code = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}[arr.dtype]
+    raw = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes() + extra
+    raw = raw[: len(raw) - cut] if cut else raw
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def _fake_fashion(folder, n_train=12, n_test=6, compress=True):
+    from lasnn.data.datasets import FASHION_MNIST_FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
+        "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "test_labels": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    for key, arr in arrays.items():
+        name = FASHION_MNIST_FILES[key] + (".gz" if compress else "")
+        _write_idx(folder / name, arr, compress=compress)
+    return arrays
+
+
+def test_read_idx_round_trips_types_and_compression(tmp_path):
+    from lasnn.data import read_idx
+
+    for arr in (np.arange(24, dtype=np.uint8).reshape(2, 3, 4), np.arange(-3, 3, dtype=">i4"),
+                np.linspace(0, 1, 6, dtype=">f4").reshape(3, 2)):
+        for compress in (False, True):
+            p = tmp_path / f"a{arr.dtype.str}{compress}.idx"
+            _write_idx(p, arr, compress=compress)
+            got = read_idx(p)
+            assert got.shape == arr.shape and np.array_equal(got, arr) and got.dtype.isnative
+
+
+def test_read_idx_rejects_truncated_oversized_and_foreign_files(tmp_path):
+    from lasnn.data import read_idx
+
+    arr = np.zeros((3, 28, 28), dtype=np.uint8)
+    _write_idx(tmp_path / "short", arr, cut=5)
+    with pytest.raises(DatasetError, match=r"short.*needs 2368 \(truncated\)"):
+        read_idx(tmp_path / "short")
+    _write_idx(tmp_path / "long", arr, extra=b"xx")
+    with pytest.raises(DatasetError, match="trailing data"):
+        read_idx(tmp_path / "long")
+    (tmp_path / "png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(DatasetError, match="is not an idx file"):
+        read_idx(tmp_path / "png")
+    (tmp_path / "head").write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    with pytest.raises(DatasetError, match="truncated inside its header"):
+        read_idx(tmp_path / "head")
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b" + b"garbage")
+    with pytest.raises(DatasetError, match="cannot read idx file"):
+        read_idx(tmp_path / "bad.gz")
+    with pytest.raises(DatasetError, match="cannot read idx file"):
+        read_idx(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("layout", ["flat", "flat-plain", "torchvision"])
+def test_fashionmnist_from_data_dir_layouts(tmp_path, layout):
+    folder = tmp_path / "FashionMNIST" / "raw" if layout == "torchvision" else tmp_path
+    arrays = _fake_fashion(folder, compress=layout != "flat-plain")
+    ds = load_dataset("fashionmnist", tmp_path)
+    assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10 and ds.x_train.dtype == torch.uint8
+    assert torch.equal(ds.x_train[:, 0], torch.from_numpy(arrays["train_images"]))
+    assert torch.equal(ds.y_test, torch.from_numpy(arrays["test_labels"]).long())
+    assert ds.crop_padding == 2 and ds.hflip and ds.classes[0] == "T-shirt/top"
+    x, y = next(iter(ds.loader("train", 4, seed=0)))
+    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (4,)
+
+
+def test_fashionmnist_missing_or_mismatched_files_raise_clear_errors(tmp_path):
+    from lasnn.data.datasets import FASHION_MNIST_FILES
+
+    with pytest.raises(DatasetError, match=r"apt-get install dataset-fashion-mnist.*FashionMNIST/raw"):
+        load_dataset("fashionmnist", tmp_path)
+    _fake_fashion(tmp_path / "m")
+    (tmp_path / "m" / (FASHION_MNIST_FILES["test_labels"] + ".gz")).unlink()
+    with pytest.raises(DatasetError, match="never downloaded"):
+        load_dataset("fashionmnist", tmp_path / "m")
+    _fake_fashion(tmp_path / "n")
+    _write_idx(tmp_path / "n" / (FASHION_MNIST_FILES["test_labels"] + ".gz"), np.zeros(5, np.uint8), compress=True)
+    with pytest.raises(DatasetError, match=r"one uint8 label per image \(6\)"):
+        load_dataset("fashionmnist", tmp_path / "n")
+    _fake_fashion(tmp_path / "o")
+    _write_idx(tmp_path / "o" / (FASHION_MNIST_FILES["train_images"] + ".gz"), np.zeros((12, 32, 32), np.uint8),
+               compress=True)
+    with pytest.raises(DatasetError, match=r"uint8 \[N, 28, 28\] images"):
+        load_dataset("fashionmnist", tmp_path / "o")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_fashionmnist_from_the_debian_package():
+    ds = load_dataset("fashionmnist")
+    assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
+    assert torch.equal(torch.bincount(ds.y_train), torch.full((10,), 6000))
+    assert torch.equal(torch.bincount(ds.y_test), torch.full((10,), 1000))
+    assert abs(ds.mean[0] - 0.2860) < 1e-3 and abs(ds.std[0] - 0.3530) < 1e-3  # the published statistics

@@ -1,4 +1,4 @@
-"""``lasnn demo`` / ``convert`` / ``evaluate`` end to end in reduced mode (issue 6)."""
+"""``lasnn demo`` / ``convert`` / ``evaluate`` end to end in reduced mode."""
 
 from __future__ import annotations
 
@@ -22,8 +22,21 @@ def test_demo_report_fields_and_consistency(demo_dir):
     assert set(rep["teacher"]) >= {"model", "accuracy"}
     st = rep["student"]
     assert st["T"] == 4 and st["schedule"] == "layerwise" and 0 <= st["firing_rate"] <= 1
-    assert st["accuracy"] == st["accuracy_by_T"]["4"]
+    assert st["accuracy"] == st["accuracy_by_T"]["4"] == st["accuracy_by_seed"][0]
     assert st["accuracy"] > 0.25 + 0.1, "the student did not learn (4 classes)"
+    # the direct-training baseline: same student, T, epochs and batch, no teacher
+    di = rep["direct"]
+    assert di["model"] == st["model"] and di["T"] == 4 and 0 <= di["firing_rate"] <= 1
+    assert (di["epochs"], di["batch_size"]) == (st["epochs"], st["batch_size"])
+    assert di["accuracy"] == di["accuracy_by_T"]["4"] and di["accuracy"] > 0.25 + 0.1
+    assert rep["gain_over_direct"] == pytest.approx(100 * (st["accuracy"] - di["accuracy"]))
+    assert rep["seeds"] == [0] and rep["gain"]["stderr"] is None and st["accuracy_std"] is None
+    direct_cfg = json.loads((demo_dir / "direct" / "config.json").read_text())
+    assert direct_cfg["kind"] == "snn" and direct_cfg["T"] == 4 and direct_cfg["seed"] == 0
+    assert direct_cfg["lr"] == rep["recipe"]["direct"]["lr"]
+    student_cfg = json.loads((demo_dir / "student" / "config.json").read_text())
+    for key in ("schedule", "kd_weight", "kd_temperature", "beta", "lr", "epochs", "batch_size"):
+        assert rep["recipe"]["student"][key] == student_cfg[key], key
     for name in ("classic", "robust"):
         c = rep["conversion"][name]
         assert list(c["accuracy_by_T"]) == [str(t) for t in range(1, 17)]
@@ -69,6 +82,27 @@ def test_qcfs_convert_command_finetunes_a_relu_teacher(demo_dir, tmp_path):
     assert all(len(v) == 1 and v[0] > 0 for v in res["thresholds"].values())
 
 
+def test_demo_with_seeds_reports_mean_spread_and_gain(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["demo", "--out", str(out), "--dataset", "synthetic", "--quick", "--student-epochs", "4",
+                 "--T-max", "8", "--seeds", "2", "--seed", "5"]) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["seeds"] == [5, 6]
+    for s in (5, 6):
+        assert json.loads((out / f"seed{s}" / "direct" / "config.json").read_text())["seed"] == s
+        assert json.loads((out / f"seed{s}" / "student" / "config.json").read_text())["seed"] == s
+    g = rep["gain"]
+    by = [100 * (a - b) for a, b in zip(rep["student"]["accuracy_by_seed"], rep["direct"]["accuracy_by_seed"],
+                                        strict=True)]
+    assert g["by_seed"] == pytest.approx(by) and g["mean"] == pytest.approx(sum(by) / 2)
+    assert g["std"] == pytest.approx(abs(by[0] - by[1]) / 2**0.5)
+    assert g["stderr"] == pytest.approx(g["std"] / 2**0.5)
+    assert g["exceeds_2_stderr"] == (g["mean"] > 2 * g["stderr"])
+    assert rep["student"]["accuracy"] == pytest.approx(sum(rep["student"]["accuracy_by_seed"]) / 2)
+    assert "gain over direct training" in printed and "standard error over 2 seeds" in printed
+
+
 def test_bad_arguments(demo_dir, tmp_path, capsys):
     assert main(["demo", "--out", str(demo_dir), "--dataset", "synthetic", "--quick"]) == 2
     assert "already holds a demo" in capsys.readouterr().err
@@ -78,6 +112,12 @@ def test_bad_arguments(demo_dir, tmp_path, capsys):
     assert not (tmp_path / "x" / "accuracy_vs_T.json").exists()
     with pytest.raises(SystemExit):
         main(["convert", "--teacher", str(demo_dir / "teacher"), "--T-max", "0", "--out", str(tmp_path / "x")])
+    assert "integer >= 1" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "t"), "--dataset", "synthetic", "--quick", "--T-max", "2"]) == 2
+    assert "T_max (2) must be >= T (4)" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()  # rejected before any training
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "t"), "--dataset", "synthetic", "--seeds", "0"])
     assert "integer >= 1" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "c"), "--dataset", "cifar10", "--quick"]) == 2
     assert "cifar-10-batches-py" in capsys.readouterr().err  # names the files it expected

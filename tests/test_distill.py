@@ -22,11 +22,13 @@ from lasnn.distill import (
     CheckpointError,
     DistillConfig,
     RunError,
+    SNNConfig,
     TeacherConfig,
     distill,
     load_checkpoint,
     load_run,
     plan_stages,
+    train_snn,
     train_teacher,
 )
 from lasnn.distill.config import config_from_dict
@@ -171,6 +173,44 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(teacher, tmp_
             assert torch.equal(a["model_state"][k], b["model_state"][k]), (name, k)
 
 
+def test_train_snn_trains_the_student_directly(tmp_path):
+    res = train_snn(out=tmp_path / "d", epochs=5, T=2, quiet=True, **{**SMALL, "batch_size": 32})
+    assert res["kind"] == "snn" and res["schedule"] == "direct" and res["teacher"] is None
+    assert res["stages"] == ["direct"] and res["pairs"] == [] and 0 <= res["firing_rate"] <= 1
+    assert res["test_acc"] > CHANCE + 0.2
+    recs = _records(tmp_path / "d")
+    assert [r["stage"] for r in recs] == ["direct"] * 5
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"]
+    assert "train_ce" in recs[0] and "train_kd" not in recs[0] and "train_attn" not in recs[0]
+    run = load_run(tmp_path / "d")
+    assert run.kind == "snn" and isinstance(run.config, SNNConfig) and run.config.student == "digits_cnn_small"
+    assert run.model.T == 2  # a spikify'd SNN at the run's T
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["kind"] == "snn" and "teacher" not in cfg and "beta" not in cfg
+
+
+def test_train_snn_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
+    args = ["train-snn", "--dataset", "synthetic", "--width", "0.5", "--batch-size", "64", "--epochs", "2",
+            "--T", "2", "--encoding", "poisson", "--save-every", "2", "--seed", "3", "--quiet"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert _cli(*args, "--out", str(full)).returncode == 0
+    # 4 steps per epoch: killed 1 step after the mid-epoch checkpoint at step 2 of epoch 2
+    r = _cli(*args, "--out", str(killed), env={"LASNN_TEST_KILL_AFTER_STEPS": "7"})
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    ck = load_checkpoint(killed / "last.pt")
+    assert (ck["epoch"], ck["step"]) == (1, 2)
+    r = _cli("train-snn", "--out", str(killed), "--resume", "--quiet")
+    assert r.returncode == 0, r.stderr
+    strip = lambda recs: [{k: v for k, v in rec.items() if k != "seconds"} for rec in recs]  # noqa: E731
+    assert strip(_records(killed)) == strip(_records(full))
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
+    for k in a["model_state"]:
+        assert torch.equal(a["model_state"][k], b["model_state"][k]), k
+    # a direct run is neither a teacher nor a distillation run
+    r = _cli("distill", "--out", str(killed), "--resume", "--quiet")
+    assert r.returncode == 2 and "holds a snn run, not a student run" in r.stderr
+
+
 def test_resume_checks_and_refuses_to_overwrite(teacher, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(teacher, out)
@@ -256,5 +296,12 @@ def test_config_validation_and_round_trip():
             DistillConfig(teacher="t", **bad).validate()
     with pytest.raises(ValueError, match="unknown fields"):
         config_from_dict({**cfg.to_dict(), "bogus": 1})
+    direct = SNNConfig(T=3, student="digits_cnn_small")
+    assert config_from_dict(json.loads(json.dumps(direct.to_dict()))) == direct and direct.method == "direct"
+    for bad, msg in [({"T": 0}, "T must be"), ({"encoding": "rate"}, "encoding"), ({"lr": 0.0}, "lr")]:
+        with pytest.raises(ValueError, match=msg):
+            SNNConfig(**bad).validate()
+    with pytest.raises(TypeError, match="unknown SNNConfig field"):
+        train_snn(out="/nonexistent/never", teacher="t")
     with pytest.raises(TypeError, match="unknown TeacherConfig field"):
         train_teacher(out="/nonexistent/never", bogus=1)

@@ -1,4 +1,4 @@
-"""``lasnn convert``, ``lasnn evaluate`` and ``lasnn demo`` (registered by ``lasnn.cli``)."""
+"""``lasnn convert`` and ``lasnn evaluate`` (registered by ``lasnn.cli``)."""
 
 from __future__ import annotations
 
@@ -39,24 +39,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from lasnn.convert.pipeline import run_demo
-
-    kw = {}
-    if args.quick:  # the test suite's reduced mode: tiny data set, a couple of epochs, short sweep
-        kw = {"teacher_epochs": 6, "student_epochs": 6, "stage_epochs": 1}
-    for k in ("teacher_epochs", "student_epochs"):
-        if getattr(args, k) is not None:
-            kw[k] = getattr(args, k)
-    try:
-        run_demo(args.out, dataset=args.dataset, data_dir=args.data_dir, T_max=args.T_max, seed=args.seed,
-                 device=args.device, quiet=args.quiet, **kw)
-    except _errors() as e:
-        print(f"lasnn demo: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def _positive_int(s: str) -> int:
     try:
         v = int(s)
@@ -68,9 +50,8 @@ def _positive_int(s: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``convert``, ``evaluate`` and ``demo`` to the ``lasnn`` command line."""
+    """Add ``convert`` and ``evaluate`` to the ``lasnn`` command line."""
     from lasnn.convert.convert import METHODS
-    from lasnn.data import DATASETS
 
     p = subparsers.add_parser(
         "convert", help="ANN-to-SNN conversion of a teacher run, accuracy for every T = 1..T_max",
@@ -106,24 +87,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=_cmd_evaluate)
-
-    p = subparsers.add_parser(
-        "demo", help="the paper's comparison in one command: LaSNN student vs converted SNNs (latency)",
-        description="Train a teacher ANN, distil a small SNN student at T=4 (layer-wise), convert the teacher with "
-        "the classic (max, membrane 0) and robust (99.9th percentile, membrane θ/2) recipes, sweep T = 1..T_max; "
-        "print a table and write OUT/report.json and OUT/latency.png.",
-    )
-    p.add_argument("--out", required=True, help="output folder (must not hold a demo yet)")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist1d",
-                   help="mnist1d (default), digits; cifar10/cifar100/tinyimagenet with --data-dir (GPU advised)")
-    p.add_argument("--data-dir", dest="data_dir", default=None, help="data folder for the file-based data sets")
-    p.add_argument("--T-max", dest="T_max", type=_positive_int, default=256, help="longest latency (default 256)")
-    p.add_argument("--teacher-epochs", dest="teacher_epochs", type=_positive_int, default=None,
-                   help="override the data set's teacher epochs")
-    p.add_argument("--student-epochs", dest="student_epochs", type=_positive_int, default=None,
-                   help="override the data set's student epochs")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # reduced mode for the test suite
-    p.set_defaults(func=_cmd_demo)

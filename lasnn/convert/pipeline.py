@@ -1,7 +1,7 @@
-"""The conversion side of the command line: convert a teacher run, evaluate a run over T, and the demo.
+"""The conversion side of the command line: convert a teacher run, evaluate a run over T.
 
-``convert_run`` (``lasnn convert``), ``evaluate_run`` (``lasnn evaluate``) and ``run_demo`` (``lasnn demo``)
-all measure the same way: top-1 accuracy on the data set's full test split, the latency curve from one
+``convert_run`` (``lasnn convert``), ``evaluate_run`` (``lasnn evaluate``) and ``lasnn.demo.run_demo``
+(``lasnn demo``) all measure the same way: top-1 accuracy on the data set's full test split, the latency curve from one
 ``T_max``-step simulation (``lasnn.accuracy_vs_timesteps``).
 """
 
@@ -20,7 +20,7 @@ from lasnn.convert.latency import accuracy_vs_timesteps
 from lasnn.convert.report import curve_to_json, format_table, plot_latency, t_to_match, write_json
 from lasnn.nn.qcfs import QCFS
 
-__all__ = ["ann_accuracy", "convert_run", "evaluate_run", "finetune_qcfs", "run_demo", "snn_firing_rate"]
+__all__ = ["ann_accuracy", "convert_run", "evaluate_run", "finetune_qcfs", "snn_firing_rate"]
 
 CALIB_BATCHES = 8  # x 256 training samples: enough for a stable 99.9th percentile, seconds on a CPU
 EVAL_BATCH = 500
@@ -238,144 +238,14 @@ def evaluate_run(
     rate = snn_firing_rate(model, test, dev)
     curve = accuracy_vs_timesteps(model, test, T_max=T_max)
     result = {
-        "dataset": run.dataset, "kind": "student", "model": run.config.student, "T": T,
-        "schedule": run.config.schedule, "accuracy": curve.get(T), "firing_rate": rate,
+        "dataset": run.dataset, "kind": run.kind, "model": run.config.student, "T": T,
+        "schedule": run.config.method, "accuracy": curve.get(T), "firing_rate": rate,
         "accuracy_by_T": curve_to_json(curve), "seconds": round(time.perf_counter() - t0, 2),
     }
     write_json(out / "accuracy_vs_T.json", result)
     plot_latency(out / "accuracy_vs_T.png", {f"student {run.config.student}": curve},
                  points={f"trained at T={T}": (T, curve[T])} if T in curve else None,
-                 title=f"{run.dataset}: student {run.config.student} ({run.config.schedule}, T={T})")
+                 title=f"{run.dataset}: student {run.config.student} ({run.config.method}, T={T})")
     _say(quiet, format_table({"student": curve}))
     _say(quiet, f"-> {out / 'accuracy_vs_T.json'}, {out / 'accuracy_vs_T.png'}")
     return result
-
-
-# Demo budgets per data set: (teacher epochs, student epochs, student stage epochs, student batch size).
-# Sized so that mnist1d runs in about 5 minutes on an idle 2-core CPU (measured: see the README section
-# of issue 6). Batch 64 for the student: with so few epochs, twice the steps beat the larger batch
-# (MNIST-1D student, 8 epochs at batch 64: 89.4%; 12 epochs at batch 128: 69.8%).
-DEMO_EPOCHS = {"mnist1d": (20, 30, 1, 64), "digits": (10, 10, 1, 64), "synthetic": (2, 4, 1, 64)}
-_DEFAULT_EPOCHS = (30, 30, None, 128)  # cifar-scale data sets (meant for a GPU)
-
-
-def run_demo(
-    out: str | os.PathLike,
-    *,
-    dataset: str = "mnist1d",
-    data_dir: str | None = None,
-    teacher_epochs: int | None = None,
-    student_epochs: int | None = None,
-    stage_epochs: int | None = None,
-    T: int = 4,
-    T_max: int = 256,
-    seed: int = 0,
-    device: str = "auto",
-    quiet: bool = False,
-) -> dict[str, Any]:
-    """The paper's comparison in one call: teacher ANN, LaSNN student at ``T`` (layer-wise schedule), classic
-    and robust conversions of the teacher swept over T = 1..T_max; writes ``out/report.json`` and
-    ``out/latency.png`` (and the two training runs under ``out/teacher``, ``out/student``).
-
-    Returns the report (see the issue / README for its fields).
-    """
-    from lasnn.data import load_dataset
-    from lasnn.distill import distill, load_run, train_teacher
-
-    if isinstance(T_max, bool) or not isinstance(T_max, int) or T_max < 1:
-        raise ValueError(f"T_max must be an int >= 1, got {T_max!r}")
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T must be an int >= 1, got {T!r}")
-    out = Path(out)
-    for name in ("teacher", "student", "report.json"):
-        if (out / name).exists():
-            raise ValueError(f"--out {str(out)!r} already holds a demo ({name}); choose an empty or new folder")
-    te, se, st, sb = DEMO_EPOCHS.get(dataset, _DEFAULT_EPOCHS)
-    te = teacher_epochs if teacher_epochs is not None else te
-    se = student_epochs if student_epochs is not None else se
-    st = stage_epochs if stage_epochs is not None else st
-    t0, c0 = time.perf_counter(), time.process_time()
-    ds = load_dataset(dataset, data_dir)  # fail early, before any training, on a missing data set
-    out.mkdir(parents=True, exist_ok=True)
-    dev = _device(device)
-    timings: dict[str, float] = {}  # wall seconds per phase
-    cpu: dict[str, float] = {}  # CPU seconds (all threads) per phase
-
-    _say(quiet, f"[1/4] teacher ANN on {dataset}: {te} epochs")
-    t, c = time.perf_counter(), time.process_time()
-    train_teacher(out=out / "teacher", dataset=dataset, data_dir=data_dir, epochs=te, seed=seed, device=device,
-                  quiet=True)
-    timings["teacher"], cpu["teacher"] = time.perf_counter() - t, time.process_time() - c
-
-    _say(quiet, f"[2/4] LaSNN student SNN at T={T} (layer-wise schedule): {se} epochs")
-    t, c = time.perf_counter(), time.process_time()
-    distill(out=out / "student", dataset=dataset, data_dir=data_dir, teacher=str(out / "teacher"), T=T,
-            schedule="layerwise", epochs=se, stage_epochs=st, batch_size=sb, seed=seed, device=device, quiet=True)
-    timings["student"], cpu["student"] = time.perf_counter() - t, time.process_time() - c
-
-    calib, test = _loaders(ds, EVAL_BATCH)
-    trun, srun = load_run(out / "teacher"), load_run(out / "student")
-    teacher = trun.model.to(dev).eval()
-    student = srun.model.to(dev).eval()
-    teacher_acc = ann_accuracy(teacher, test, dev)
-    student_curve = accuracy_vs_timesteps(student, test, T_max=min(T_max, 4 * T))
-    student_acc = student_curve[T]
-    student_rate = snn_firing_rate(student, test, dev)
-
-    conversions: dict[str, Any] = {}
-    curves = {f"LaSNN student ({srun.config.student})": student_curve}
-    recipes = {"classic": ("max", 0.0), "robust": ("robust", 0.5)}
-    for i, (name, (method, membrane)) in enumerate(recipes.items()):
-        _say(quiet, f"[{3 + i}/4] {name} conversion ({method} thresholds, membrane starting at {membrane:g}·θ), "
-                    f"T = 1..{T_max}")
-        t, c = time.perf_counter(), time.process_time()
-        _, curve, rate = _convert_curve(teacher, calib, test, method=method, percentile=99.9,
-                                        initial_membrane=membrane, T_max=T_max, device=dev)
-        timings[f"conversion_{name}"], cpu[f"conversion_{name}"] = time.perf_counter() - t, time.process_time() - c
-        match = t_to_match(curve, student_acc)
-        conversions[name] = {
-            "method": method, "percentile": 99.9 if method == "robust" else None, "initial_membrane": membrane,
-            "accuracy_by_T": curve_to_json(curve), "T_to_match_student": match,
-            "ratio": (match / T) if match is not None else None,
-            "T_to_match_teacher": t_to_match(curve, teacher_acc), "firing_rate": rate,
-        }
-        curves[f"{name} conversion"] = curve
-
-    seconds = time.perf_counter() - t0
-    # CPU time of this process (all threads): on a shared machine wall time mostly measures the neighbours
-    cpu_seconds = time.process_time() - c0
-    report = {
-        "dataset": dataset,
-        "teacher": {"model": trun.config.model, "accuracy": teacher_acc, "epochs": te},
-        "student": {"model": srun.config.student, "T": T, "schedule": srun.config.schedule, "accuracy": student_acc,
-                    "firing_rate": student_rate, "epochs": se, "batch_size": sb,
-                    "accuracy_by_T": curve_to_json(student_curve)},
-        "conversion": conversions,
-        "T_max": T_max,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "cpu_timings": {k: round(v, 2) for k, v in cpu.items()},
-        "seconds": round(seconds, 2),
-        "cpu_seconds": round(cpu_seconds, 2),
-    }
-    write_json(out / "report.json", report)
-    plot_latency(out / "latency.png", curves, teacher_acc=teacher_acc,
-                 points={f"student at T={T}": (T, student_acc)},
-                 title=f"{dataset}: LaSNN student vs ANN-to-SNN conversion of the teacher ({trun.config.model})")
-    if not quiet:
-        print()
-        print(format_table({"student": student_curve, "classic": curves["classic conversion"],
-                            "robust": curves["robust conversion"]}, reference={"teacher": teacher_acc}))
-        print()
-        print(f"teacher {trun.config.model}: {100 * teacher_acc:.2f}%   student {srun.config.student} at T={T}: "
-              f"{100 * student_acc:.2f}% (firing rate {student_rate:.3f})")
-        for name, c in conversions.items():
-            m = c["T_to_match_student"]
-            print(f"{name:>8} conversion reaches the student's accuracy at T={m} "
-                  f"({c['ratio']:g}x the student's T)" if m is not None else
-                  f"{name:>8} conversion does not reach the student's accuracy by T={T_max} (ratio > "
-                  f"{T_max / T:g}x)")
-        print(f"{seconds:.1f} s on {dev} ({torch.get_num_threads()} threads, {cpu_seconds:.1f} s CPU time) -> "
-              f"{out / 'report.json'}, {out / 'latency.png'}")
-    return report

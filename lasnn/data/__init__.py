@@ -20,6 +20,10 @@ Data sets (``DATASETS``):
 - ``digits``: scikit-learn's bundled 8x8 digits, a fixed stratified 80/20 split (seed 0): 1437 / 360
   images ``[1, 8, 8]``. Augmentation: random crop with 1-pixel zero padding (no flips: digits).
 - ``synthetic``: 4 classes of noisy random 8x8 templates (256 / 128), learnable; for tests.
+- ``fashionmnist``: Fashion-MNIST, 60000 / 10000 grey 28x28 images ``[1, 28, 28]`` of 10 clothing classes,
+  read from the four standard idx files (plain or ``.gz``): by default where the Debian package
+  ``dataset-fashion-mnist`` puts them (``/usr/share/datasets/fashion-mnist``), or from ``data_dir`` holding
+  the four files or torchvision's ``FashionMNIST/raw/``. Augmentation: crop (padding 2) and flip.
 - ``cifar10`` / ``cifar100``: the python-pickle releases (``cifar-10-batches-py/data_batch_1..5``,
   ``test_batch``, ``batches.meta``; ``cifar-100-python/train``, ``test``, ``meta``) under ``data_dir``.
 - ``tinyimagenet``: the ``tiny-imagenet-200`` folder (``wnids.txt``, ``train/<wnid>/images/*.JPEG``,
@@ -35,7 +39,7 @@ exactly (what makes a mid-epoch resume bit-exact). With ``rank``/``world_size`` 
 DistributedSampler-style shard.
 """
 
-from lasnn.data.datasets import DATASETS, Dataset, DatasetError, load_dataset
+from lasnn.data.datasets import DATASETS, Dataset, DatasetError, load_dataset, read_idx
 from lasnn.data.loader import TensorLoader, random_crop, random_hflip, shard_indices
 
 __all__ = [
@@ -46,5 +50,6 @@ __all__ = [
     "load_dataset",
     "random_crop",
     "random_hflip",
+    "read_idx",
     "shard_indices",
 ]

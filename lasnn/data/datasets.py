@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import os
 import pickle
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import torch
 
 from lasnn.data.loader import TensorLoader, random_crop, random_hflip
 
-__all__ = ["DATASETS", "Dataset", "DatasetError", "load_dataset"]
+__all__ = ["DATASETS", "Dataset", "DatasetError", "load_dataset", "read_idx"]
 
 
 class DatasetError(ValueError):
@@ -313,6 +314,113 @@ def _load_tinyimagenet(data_dir: Path | None, seed: int) -> Dataset:
                           len(wnids), wnids, crop_padding=8)
 
 
+# Fashion-MNIST: the four idx files of the standard release (Xiao et al., 2017).
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+#: where the Debian package ``dataset-fashion-mnist`` installs the idx files
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+# idx type codes -> numpy dtype (big-endian multi-byte types)
+_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one idx file (the MNIST / Fashion-MNIST format), plain or gzip-compressed.
+
+    Format: two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32,
+    0x0E float64), the number of dimensions, one big-endian uint32 size per dimension, then the data in
+    row-major order.
+
+    Args:
+        path: the file (``.gz`` is decompressed; otherwise the gzip magic bytes decide).
+    Returns:
+        ``np.ndarray`` of the header's shape and dtype (native byte order), e.g. ``[60000, 28, 28]`` uint8.
+    Raises:
+        DatasetError naming the file for a missing, truncated, oversized or malformed file.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DatasetError(f"cannot read idx file {str(path)!r}: {e}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise DatasetError(f"{str(path)!r} is not an idx file (expected magic 00 00 <type> <ndim>, got "
+                           f"{raw[:4].hex(' ') or 'an empty file'})")
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"idx file {str(path)!r} is truncated inside its header ({len(raw)} bytes)")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "trailing data"
+        raise DatasetError(f"idx file {str(path)!r} holds {len(raw)} bytes; its header {list(shape)} "
+                           f"({dtype.name}) needs {expected} ({what})")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _fashion_dir(data_dir: Path | None) -> tuple[Path, dict[str, Path]]:
+    # Accepted layouts: the four files in a folder (plain or .gz), or torchvision's FashionMNIST/raw/.
+    candidates = []
+    if data_dir is not None:
+        d = Path(data_dir).expanduser()
+        candidates += [d, d / "FashionMNIST" / "raw", d / "raw"]
+    else:
+        candidates.append(FASHION_MNIST_SYSTEM_DIR)
+    for cand in candidates:
+        found = {}
+        for key, stem in FASHION_MNIST_FILES.items():
+            for name in (stem, stem + ".gz"):
+                if (cand / name).is_file():
+                    found[key] = cand / name
+                    break
+        if len(found) == len(FASHION_MNIST_FILES):
+            return cand, found
+    names = ", ".join(f"{s}[.gz]" for s in FASHION_MNIST_FILES.values())
+    where = (f"data_dir {str(data_dir)!r} (looked in it, FashionMNIST/raw/ and raw/ under it)" if data_dir is not None
+             else f"{str(FASHION_MNIST_SYSTEM_DIR)!r} (no --data-dir given)")
+    raise DatasetError(
+        f"dataset 'fashionmnist' not found in {where}; it is never downloaded. Install the Debian package "
+        f"(apt-get install dataset-fashion-mnist, which puts the files in {FASHION_MNIST_SYSTEM_DIR}/) or pass "
+        f"--data-dir pointing at a folder holding the four idx files ({names}) or torchvision's "
+        "FashionMNIST/raw/ layout"
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_arrays(root: str) -> tuple[np.ndarray, ...]:
+    _, files = _fashion_dir(Path(root))
+    arrays = {k: read_idx(p) for k, p in files.items()}
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise DatasetError(f"dataset 'fashionmnist': {str(files[split + '_images'])!r} must hold uint8 "
+                               f"[N, 28, 28] images, got {x.dtype} {list(x.shape)}")
+        if y.dtype != np.uint8 or y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DatasetError(f"dataset 'fashionmnist': {str(files[split + '_labels'])!r} must hold one uint8 "
+                               f"label per image ({x.shape[0]}), got {y.dtype} {list(y.shape)}")
+    return (arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"])
+
+
+def _load_fashionmnist(data_dir: Path | None, seed: int) -> Dataset:
+    root, _ = _fashion_dir(data_dir)
+    xtr, ytr, xte, yte = _fashion_arrays(str(root))
+    x_train = torch.from_numpy(xtr.copy()).unsqueeze(1)
+    x_test = torch.from_numpy(xte.copy()).unsqueeze(1)
+    # Augmentation: 2-pixel crop padding and horizontal flips (clothes are left-right symmetric; the
+    # crop is the 28x28 analogue of CIFAR's 4 pixels at 32x32).
+    return _image_dataset("fashionmnist", x_train, torch.from_numpy(ytr.astype(np.int64)), x_test,
+                          torch.from_numpy(yte.astype(np.int64)), 10, list(FASHION_MNIST_CLASSES), crop_padding=2)
+
+
 def _image_dataset(name, x_train, y_train, x_test, y_test, num_classes, classes, crop_padding) -> Dataset:
     bad = int(((y_train < 0) | (y_train >= num_classes)).sum() + ((y_test < 0) | (y_test >= num_classes)).sum())
     if bad:
@@ -328,6 +436,7 @@ DATASETS: dict[str, Callable[[Path | None, int], Dataset]] = {
     "cifar10": _load_cifar10,
     "cifar100": _load_cifar100,
     "tinyimagenet": _load_tinyimagenet,
+    "fashionmnist": _load_fashionmnist,
     "synthetic": _load_synthetic,
 }
 
@@ -337,9 +446,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, split_
 
     Args:
         name: one of ``lasnn.data.DATASETS``: ``mnist1d`` (default of the commands), ``digits``,
-            ``synthetic`` (built in); ``cifar10``, ``cifar100``, ``tinyimagenet`` (read from ``data_dir``).
+            ``synthetic`` (built in); ``fashionmnist`` (idx files from the ``dataset-fashion-mnist``
+            Debian package or ``data_dir``); ``cifar10``, ``cifar100``, ``tinyimagenet`` (read from ``data_dir``).
         data_dir: folder holding (or being) ``cifar-10-batches-py``, ``cifar-100-python`` or
-            ``tiny-imagenet-200``; ignored by the built-in data sets.
+            ``tiny-imagenet-200``, or the four Fashion-MNIST idx files (or torchvision's
+            ``FashionMNIST/raw/``); ignored by the built-in data sets.
         split_seed: seed of the digits train/test split and of the synthetic data (0: the standard one).
     Returns:
         a ``Dataset`` (tensors ``[N, C, H, W]`` / ``[N, C, L]`` plus labels, classes and normalisation).

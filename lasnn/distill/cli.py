@@ -1,4 +1,4 @@
-"""``lasnn train-teacher`` and ``lasnn distill`` (registered by ``lasnn.cli``)."""
+"""``lasnn train-teacher``, ``lasnn train-snn`` and ``lasnn distill`` (registered by ``lasnn.cli``)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace, fn) -> int:
         return 2
     # Under torchrun every rank returns the (all-reduced) metrics; rank 0 reports them.
     if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
-        what = f"student {res['model']} (T={res['T']}, {res['schedule']})" if res["kind"] == "student" else (
+        what = f"student {res['model']} (T={res['T']}, {res['schedule']})" if res["kind"] != "teacher" else (
             f"teacher {res['model']}")
         acc = res["test_acc"]
         print(f"{what} on {res['dataset']}: test accuracy {acc:.4f} (best {res['best_test_acc']:.4f})"
@@ -69,6 +69,18 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
     from lasnn.distill.trainer import train_teacher
 
     return _run(args, train_teacher)
+
+
+def _cmd_snn(args: argparse.Namespace) -> int:
+    from lasnn.distill.trainer import train_snn
+
+    return _run(args, train_snn)
+
+
+def _snn_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", default=_S, help="zoo model name of the student (default per data set)")
+    p.add_argument("--T", dest="T", type=int, default=_S, help="time steps of the student (default 4)")
+    p.add_argument("--encoding", choices=["direct", "poisson"], default=_S, help="input encoding (default direct)")
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -90,14 +102,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_teacher)
 
     p = subparsers.add_parser(
+        "train-snn", help="train the spiking student directly, no teacher (the baseline distillation must beat)",
+        description="Direct SNN training: the student spikify'd at T steps, surrogate-gradient BPTT, cross-entropy "
+                    "on the T-averaged logits; same run folder, resume and DDP as distill.",
+    )
+    _common(p)
+    _snn_options(p)
+    p.set_defaults(func=_cmd_snn)
+
+    p = subparsers.add_parser(
         "distill", help="distil a spiking student from a trained teacher (LaSNN)",
         description="LaSNN: train a small SNN student from an ANN teacher with layer-wise attention-map "
                     "distillation and logit KD. Loss: CE + kd-weight * KD + beta * sum of attention losses.",
     )
     _common(p)
     p.add_argument("--teacher", default=_S, help="teacher run folder (uses best.pt) or checkpoint file")
-    p.add_argument("--student", default=_S, help="zoo model name of the student (default per data set)")
-    p.add_argument("--T", dest="T", type=int, default=_S, help="time steps of the student (default 4)")
+    _snn_options(p)
     p.add_argument("--schedule", choices=["layerwise", "joint"], default=_S,
                    help="layerwise: one attention stage per pair, then all terms (default); joint: all terms")
     p.add_argument("--pairs", default=_S,
@@ -110,7 +130,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="student map from the firing rate (mean, default) or per time step")
     p.add_argument("--kd-temperature", dest="kd_temperature", type=float, default=_S, help="KD temperature (default 4)")
     p.add_argument("--kd-weight", dest="kd_weight", type=float, default=_S, help="KD weight (default 1)")
-    p.add_argument("--encoding", choices=["direct", "poisson"], default=_S, help="input encoding (default direct)")
     p.add_argument("--stage-epochs", dest="stage_epochs", type=int, default=_S,
                    help="layerwise: epochs per attention stage (default max(1, epochs // (2 * pairs)))")
     p.add_argument("--earlier", choices=["freeze", "lr"], default=_S,

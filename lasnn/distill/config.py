@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DEFAULT_BETA", "DistillConfig", "TeacherConfig", "config_from_dict", "default_beta"]
+__all__ = ["DEFAULT_BETA", "DistillConfig", "SNNConfig", "TeacherConfig", "config_from_dict", "default_beta"]
 
 SCHEDULES = ("layerwise", "joint")
 ENCODINGS = ("direct", "poisson")
@@ -73,8 +73,36 @@ class TeacherConfig:
 
 
 @dataclass
-class DistillConfig(TeacherConfig):
-    """A LaSNN distillation run (student SNN from a trained teacher); extends ``TeacherConfig``.
+class SNNConfig(TeacherConfig):
+    """Direct training of a spiking student, no teacher: the baseline SpikingJelly and snnTorch users train.
+
+    Surrogate-gradient BPTT through the ``T`` steps, cross-entropy on the T-averaged logits, the same
+    optimizer, schedule, data, augmentation, checkpoints and DDP as every other run. ``student=None``: the
+    data set's default student (``lasnn.models.default_pair``); ``width``: its width multiplier;
+    ``encoding``: ``direct`` (the input repeated at every step) or ``poisson``.
+    """
+
+    student: str | None = None
+    T: int = 4
+    encoding: str = "direct"
+    kind: str = field(default="snn", init=False)
+
+    @property
+    def method(self) -> str:
+        """How the SNN is trained: ``"direct"`` here, the schedule for a ``DistillConfig``."""
+        return "direct"
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.T, bool) or not isinstance(self.T, int) or self.T < 1:
+            raise ValueError(f"T must be an int >= 1, got {self.T!r}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+
+
+@dataclass
+class DistillConfig(SNNConfig):
+    """A LaSNN distillation run (student SNN from a trained teacher); extends ``SNNConfig``.
 
     ``teacher``: a teacher run folder or checkpoint file. ``student=None``: the data set's default
     student; ``width`` is the student's width multiplier (the teacher's comes from its own run).
@@ -94,8 +122,6 @@ class DistillConfig(TeacherConfig):
     """
 
     teacher: str = ""
-    student: str | None = None
-    T: int = 4
     schedule: str = "layerwise"
     pairs: str | list[str] = "auto"
     beta: float | None = None
@@ -103,23 +129,23 @@ class DistillConfig(TeacherConfig):
     time_reduce: str = "mean"
     kd_temperature: float = 4.0
     kd_weight: float = 1.0
-    encoding: str = "direct"
     stage_epochs: int | None = None
     earlier: str = "freeze"
     earlier_lr_scale: float = 0.1
     final_attention: bool = True
     kind: str = field(default="student", init=False)
 
+    @property
+    def method(self) -> str:
+        """The schedule (``"layerwise"`` or ``"joint"``)."""
+        return self.schedule
+
     def validate(self) -> None:
         super().validate()
         if not isinstance(self.teacher, str) or not self.teacher:
             raise ValueError("teacher must name a teacher run folder or checkpoint file")
-        if isinstance(self.T, bool) or not isinstance(self.T, int) or self.T < 1:
-            raise ValueError(f"T must be an int >= 1, got {self.T!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
         if self.earlier not in EARLIER:
             raise ValueError(f"earlier must be one of {EARLIER}, got {self.earlier!r}")
         if self.time_reduce not in TIME_REDUCE:
@@ -153,9 +179,9 @@ def config_from_dict(d: dict[str, Any]) -> TeacherConfig:
     if not isinstance(d, dict):
         raise ValueError(f"a run config must be a JSON object, got {type(d).__name__}")
     kind = d.get("kind")
-    cls = {"teacher": TeacherConfig, "student": DistillConfig}.get(kind)
+    cls = {"teacher": TeacherConfig, "snn": SNNConfig, "student": DistillConfig}.get(kind)
     if cls is None:
-        raise ValueError(f"run config has kind={kind!r}; expected 'teacher' or 'student'")
+        raise ValueError(f"run config has kind={kind!r}; expected 'teacher', 'snn' or 'student'")
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(d) - names - {"kind"})
     if unknown:

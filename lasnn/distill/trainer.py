@@ -1,8 +1,9 @@
-"""The training engine behind ``train_teacher`` and ``distill`` (see ``lasnn.distill`` for the API).
+"""The training engine behind ``train_teacher``, ``train_snn`` and ``distill`` (see ``lasnn.distill`` for the API).
 
-One loop serves both: a plan of stages (one for a teacher or a joint distillation; one per layer pair
-plus a final stage for the layer-wise schedule), SGD with momentum and a per-step cosine learning rate
-inside each stage, checkpoints that hold everything an exact resume needs, DDP under torchrun.
+One loop serves all three: a plan of stages (one for a teacher, a directly trained SNN or a joint
+distillation; one per layer pair plus a final stage for the layer-wise schedule), SGD with momentum
+and a per-step cosine learning rate inside each stage, checkpoints that hold everything an exact
+resume needs, DDP under torchrun.
 
 Exact resume: the data order and augmentation of every batch are functions of (seed, epoch, step)
 (``lasnn.data.TensorLoader``); the learning rate is a function of the step; the checkpoint holds the
@@ -41,11 +42,11 @@ from lasnn.distill.checkpoint import (
     set_module_generator_states,
     set_rng_state,
 )
-from lasnn.distill.config import DistillConfig, TeacherConfig, config_from_dict, default_beta
+from lasnn.distill.config import DistillConfig, SNNConfig, TeacherConfig, config_from_dict, default_beta
 from lasnn.distill.dist import DistEnv, setup_distributed
 from lasnn.distill.taps import TappedModel, match_pairs, parameters_reaching
 
-__all__ = ["Run", "RunError", "distill", "load_run", "train_teacher"]
+__all__ = ["Run", "RunError", "distill", "load_run", "train_snn", "train_teacher"]
 
 # Fields that may differ between a run and its resume (they describe the machine, not the run).
 _MACHINE_FIELDS = ("device", "data_dir")
@@ -90,8 +91,8 @@ def build_teacher_model(cfg: TeacherConfig, ds: Dataset) -> nn.Module:
     return _create(name, ds.num_classes, cfg.width, ds.input_shape[0])
 
 
-def build_student_model(cfg: DistillConfig, ds: Dataset) -> nn.Module:
-    """The spikify'd student SNN a distillation config describes (fresh weights)."""
+def build_student_model(cfg: SNNConfig, ds: Dataset) -> nn.Module:
+    """The spikify'd student SNN a direct-training or distillation config describes (fresh weights)."""
     from lasnn.nn.spikify import spikify
 
     name = cfg.student or _default_models(ds.name)[1]
@@ -105,10 +106,10 @@ def build_student_model(cfg: DistillConfig, ds: Dataset) -> nn.Module:
 def _resolve_names(cfg: TeacherConfig, ds: Dataset) -> TeacherConfig:
     """Fill ``model``/``student`` defaults so config.json records the models that actually ran."""
     cfg = dataclasses.replace(cfg)
-    if isinstance(cfg, DistillConfig):
+    if isinstance(cfg, SNNConfig):
         if cfg.student is None:
             cfg.student = _default_models(ds.name)[1]
-        if cfg.beta is None:
+        if isinstance(cfg, DistillConfig) and cfg.beta is None:
             cfg.beta = default_beta(ds.name)
     elif cfg.model is None:
         cfg.model = _default_models(ds.name)[0]
@@ -130,7 +131,7 @@ class Stage:
 def plan_stages(cfg: TeacherConfig, n_pairs: int) -> list[Stage]:
     """The schedule: ``[Stage]`` whose epochs sum to ``cfg.epochs``."""
     if not isinstance(cfg, DistillConfig):
-        return [Stage("teacher", cfg.epochs, None)]
+        return [Stage("direct" if isinstance(cfg, SNNConfig) else "teacher", cfg.epochs, None)]
     if cfg.schedule == "joint":
         return [Stage("joint", cfg.epochs, None)]
     per = cfg.stage_epochs if cfg.stage_epochs is not None else max(1, cfg.epochs // (2 * n_pairs))
@@ -162,9 +163,9 @@ class Run:
     Attributes:
         model: the trained network in eval mode on the CPU (an ANN for a teacher, a spikify'd SNN for a
             student; the SNN's ``T`` is the run's).
-        config: the run's ``TeacherConfig``/``DistillConfig``.
+        config: the run's ``TeacherConfig``/``SNNConfig``/``DistillConfig``.
         dataset: data set name.
-        kind: ``"teacher"`` or ``"student"``.
+        kind: ``"teacher"``, ``"snn"`` (trained directly) or ``"student"`` (distilled).
         metrics: per-epoch records of ``metrics.jsonl`` (from the checkpoint, so they match it).
         checkpoint: path of the file the weights came from.
     """
@@ -208,7 +209,7 @@ def load_run(run_dir: str | os.PathLike, *, which: str = "best", map_location: s
         raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid run config: {e}") from e
     ds_info = ckpt.get("dataset_info", {})
     fake = _ShapeOnly(cfg.dataset, int(ds_info.get("num_classes", 0)), tuple(ds_info.get("input_shape", ())))
-    model = build_student_model(cfg, fake) if isinstance(cfg, DistillConfig) else build_teacher_model(cfg, fake)
+    model = build_student_model(cfg, fake) if isinstance(cfg, SNNConfig) else build_teacher_model(cfg, fake)
     _load_state(model, ckpt["model_state"], path)
     model.eval()
     return Run(model, cfg, cfg.dataset, ckpt["kind"], list(ckpt.get("history", [])), path)
@@ -290,11 +291,12 @@ class _Trainer:
         self.ds = load_dataset(cfg.dataset, cfg.data_dir)
         cfg = _resolve_names(cfg, self.ds)
         self.cfg = cfg
-        self.is_student = isinstance(cfg, DistillConfig)
+        self.is_student = isinstance(cfg, SNNConfig)  # an SNN (direct or distilled): firing rates, T
+        self.has_teacher = isinstance(cfg, DistillConfig)
         dev = self.env.device
 
         torch.manual_seed(cfg.seed)
-        if self.is_student:
+        if self.has_teacher:
             self.teacher, self.teacher_info = _load_teacher(cfg, self.ds)
             self.teacher.to(dev).eval()
             for p in self.teacher.parameters():
@@ -307,6 +309,9 @@ class _Trainer:
             self.reach = [parameters_reaching(self.model, s, sample) for s, _ in self.pairs]
             self.student_tap = TappedModel(self.model, [s for s, _ in self.pairs])
             self.teacher_tap = TappedModel(self.teacher, [t for _, t in self.pairs])
+        elif self.is_student:
+            self.model = build_student_model(cfg, self.ds)
+            self.pairs, self.reach = [], []
         else:
             self.model = build_teacher_model(cfg, self.ds)
             self.pairs, self.reach = [], []
@@ -389,7 +394,7 @@ class _Trainer:
             self.optimizer.load_state_dict(self.opt_state)
         self.opt_state, self.opt_stage = None, idx
         self.cur_stage = idx
-        net: nn.Module = self.student_tap if self.is_student else self.model
+        net: nn.Module = self.student_tap if self.has_teacher else self.model
         if self.env.distributed:
             net = nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None
@@ -407,7 +412,8 @@ class _Trainer:
     def _losses(self, x: torch.Tensor, y: torch.Tensor, stage: Stage) -> tuple[torch.Tensor, dict[str, float], int]:
         cfg = self.cfg
         with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if not self.is_student:
+            if not self.has_teacher:
+                # teacher CE, or direct SNN training: CE on the T-averaged logits, BPTT through the steps
                 logits = self.net(x)
                 loss = F.cross_entropy(logits.float(), y)
                 return loss, {"ce": loss.item()}, int((logits.argmax(1) == y).sum())
@@ -585,9 +591,9 @@ class _Trainer:
             "train_acc": last.get("train_acc"), "seconds": seconds, "world_size": self.env.world_size,
         }
         if self.is_student:
-            res.update({"T": self.cfg.T, "schedule": self.cfg.schedule, "stages": [s.name for s in self.stages],
+            res.update({"T": self.cfg.T, "schedule": self.cfg.method, "stages": [s.name for s in self.stages],
                         "pairs": [list(p) for p in self.pairs], "firing_rate": last.get("firing_rate"),
-                        "teacher": self.teacher_info})
+                        "teacher": self.teacher_info if self.has_teacher else None})
         return res
 
 
@@ -611,8 +617,8 @@ def _read_config(out: Path) -> TeacherConfig:
 
 def _check_resume_compatible(saved: TeacherConfig, cls: type, explicit: dict[str, Any]) -> None:
     if type(saved) is not cls:
-        raise RunError(f"--resume: the run folder holds a {saved.kind} run, not a "
-                       f"{'student' if cls is DistillConfig else 'teacher'} run")
+        wanted = {DistillConfig: "student", SNNConfig: "snn", TeacherConfig: "teacher"}[cls]
+        raise RunError(f"--resume: the run folder holds a {saved.kind} run, not a {wanted} run")
     a = saved.to_dict()
     unknown = sorted(set(explicit) - set(a))
     if unknown:
@@ -647,8 +653,8 @@ def _plot_curves(out: Path, history: list[dict[str, Any]], cfg: TeacherConfig) -
     ax2.set_ylim(0, 1)
     ax2.legend(fontsize=8)
     title = f"{cfg.kind} {cfg.dataset}"
-    if isinstance(cfg, DistillConfig):
-        title += f" student {cfg.student} T={cfg.T} {cfg.schedule}"
+    if isinstance(cfg, SNNConfig):
+        title += f" student {cfg.student} T={cfg.T} {cfg.method}"
     else:
         title += f" {cfg.model}"
     fig.suptitle(title)
@@ -703,3 +709,16 @@ def distill(
     Returns the final metrics plus ``T``, ``schedule``, ``stages``, ``pairs``, ``firing_rate`` and ``teacher``.
     """
     return _Trainer(DistillConfig, config, overrides, Path(out), resume=resume, quiet=quiet).run()
+
+
+def train_snn(
+    config: SNNConfig | None = None, *, out: str | os.PathLike, resume: bool = False, quiet: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train a spiking student directly (no teacher): the baseline distillation has to beat.
+
+    Surrogate-gradient BPTT, cross-entropy on the T-averaged logits; same run folder, files, resume and
+    DDP as ``train_teacher``. Example: ``train_snn(out="runs/d", dataset="mnist1d", T=4, epochs=30)``.
+    Returns the final metrics plus ``T``, ``schedule`` (``"direct"``) and ``firing_rate``.
+    """
+    return _Trainer(SNNConfig, config, overrides, Path(out), resume=resume, quiet=quiet).run()

@@ -22,7 +22,15 @@ from torch import nn
 
 from lasnn.models.features import FeatureTap, features, stage_layers
 from lasnn.models.resnet import BasicBlock, CifarResNet, resnet18, resnet19, resnet20
-from lasnn.models.small import StageCNN, digits_cnn, digits_cnn_small, mnist1d_cnn, mnist1d_cnn_small
+from lasnn.models.small import (
+    StageCNN,
+    digits_cnn,
+    digits_cnn_small,
+    fashion_cnn,
+    fashion_cnn_small,
+    mnist1d_cnn,
+    mnist1d_cnn_small,
+)
 from lasnn.models.vgg import CifarVGG, vgg11, vgg16
 
 __all__ = [
@@ -63,6 +71,9 @@ _REGISTRY: dict[str, ModelInfo] = {
         ModelInfo("resnet20", resnet20, (3, 32, 32), 10, "ResNet-20 (He et al.), 16-64 channels"),
         ModelInfo("digits_cnn", digits_cnn, (1, 8, 8), 10, "8x8 digits teacher CNN, stages 32/64"),
         ModelInfo("digits_cnn_small", digits_cnn_small, (1, 8, 8), 10, "8x8 digits student CNN, stages 16/32"),
+        ModelInfo("fashion_cnn", fashion_cnn, (1, 28, 28), 10, "28x28 (Fashion-MNIST) teacher CNN, stages 32/64/128"),
+        ModelInfo("fashion_cnn_small", fashion_cnn_small, (1, 28, 28), 10,
+                  "28x28 (Fashion-MNIST) student CNN, stages 16/32/64"),
         ModelInfo("mnist1d_cnn", mnist1d_cnn, (1, 40), 10, "MNIST-1D teacher 1-D CNN, stages 32/64/128"),
         ModelInfo("mnist1d_cnn_small", mnist1d_cnn_small, (1, 40), 10, "MNIST-1D student 1-D CNN, stages 16/32/64"),
     )
@@ -72,6 +83,7 @@ _REGISTRY: dict[str, ModelInfo] = {
 DEFAULT_PAIRS: dict[str, tuple[str, str, int, tuple[int, ...]]] = {
     "mnist1d": ("mnist1d_cnn", "mnist1d_cnn_small", 10, (1, 40)),
     "digits": ("digits_cnn", "digits_cnn_small", 10, (1, 8, 8)),
+    "fashionmnist": ("fashion_cnn", "fashion_cnn_small", 10, (1, 28, 28)),
     "cifar10": ("resnet19", "resnet20", 10, (3, 32, 32)),
     "cifar100": ("resnet19", "resnet20", 100, (3, 32, 32)),
     "tinyimagenet": ("resnet19", "resnet20", 200, (3, 64, 64)),
@@ -113,7 +125,7 @@ def create(name: str, *, num_classes: int | None = None, width: float = 1.0, in_
 
 
 def default_pair(dataset: str) -> tuple[str, str]:
-    """``(teacher, student)`` zoo names for a data set: mnist1d, digits, cifar10, cifar100, tinyimagenet.
+    """``(teacher, student)`` zoo names for a data set: mnist1d, digits, fashionmnist, cifar10, cifar100, tinyimagenet.
 
     The two share stage names (``layer1..3`` for the ResNets, ``stage1..`` otherwise) for layer-wise
     distillation; ``DEFAULT_PAIRS[dataset]`` also gives the class count and sample shape.

@@ -1,4 +1,4 @@
-"""Small CNNs for the embedded data sets: 8x8 digit images (scikit-learn) and MNIST-1D signals.
+"""Small CNNs for the small data sets: 8x8 digit images (scikit-learn), MNIST-1D signals, 28x28 Fashion-MNIST.
 
 Both are built by :class:`StageCNN`: stages of (conv, BN, ReLU) x ``convs_per_stage``, a 2x pooling
 between stages, an adaptive average pool to a small fixed size (MNIST-1D keeps positional information
@@ -15,7 +15,15 @@ from torch import nn
 
 from lasnn.models._common import check_num_classes, check_width, init_weights, scaled
 
-__all__ = ["StageCNN", "digits_cnn", "digits_cnn_small", "mnist1d_cnn", "mnist1d_cnn_small"]
+__all__ = [
+    "StageCNN",
+    "digits_cnn",
+    "digits_cnn_small",
+    "fashion_cnn",
+    "fashion_cnn_small",
+    "mnist1d_cnn",
+    "mnist1d_cnn_small",
+]
 
 _LAYERS = {
     1: (nn.Conv1d, nn.BatchNorm1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d),
@@ -101,3 +109,14 @@ def mnist1d_cnn(num_classes: int = 10, width: float = 1.0, in_channels: int = 1)
 def mnist1d_cnn_small(num_classes: int = 10, width: float = 1.0, in_channels: int = 1) -> StageCNN:
     """Student for MNIST-1D: the teacher's layout at half the width (stages 16, 32, 64)."""
     return StageCNN(1, [16, 32, 64], 2, 5, 5, num_classes, width, in_channels)
+
+
+def fashion_cnn(num_classes: int = 10, width: float = 1.0, in_channels: int = 1) -> StageCNN:
+    """Teacher for 28x28 images (Fashion-MNIST ``[B, 1, 28, 28]``): stages 32, 64, 128 (two 3x3 convs each) at
+    28/14/7 pixels, 2x2 head."""
+    return StageCNN(2, [32, 64, 128], 2, 3, 2, num_classes, width, in_channels)
+
+
+def fashion_cnn_small(num_classes: int = 10, width: float = 1.0, in_channels: int = 1) -> StageCNN:
+    """Student for 28x28 images: stages 16, 32, 64 (one 3x3 conv each) at 28/14/7 pixels, 2x2 head."""
+    return StageCNN(2, [16, 32, 64], 1, 3, 2, num_classes, width, in_channels)

@@ -1,0 +1,391 @@
+"""``lasnn demo``: what distillation adds, in one command.
+
+It trains a teacher ANN, then for each seed the LaSNN student and the same student trained directly (no
+teacher; same model, T, epochs, batch, seed, each with its own tuned learning rate), converts the teacher
+with the classic and robust recipes and sweeps them over T = 1..T_max. It sits above both pipelines
+(``lasnn.distill`` and ``lasnn.convert``), which do not import each other.
+
+Writes ``OUT/report.json`` and ``OUT/latency.png``; the runs go to ``OUT/teacher``, ``OUT/student`` and
+``OUT/direct`` (one seed) or ``OUT/seed<S>/student`` and ``OUT/seed<S>/direct`` (several).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["DEMO_RECIPES", "DemoRecipe", "register", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """A data set's demo budget and the recipes of its two students.
+
+    ``student_epochs``, ``batch_size``: shared by the LaSNN student and the direct baseline. ``lr``: the
+    LaSNN student's SGD learning rate; ``direct_lr``: the baseline's, tuned by the same search (the best
+    rate of one is not the best of the other). ``schedule``, ``stage_epochs``, ``kd_weight``,
+    ``kd_temperature``, ``beta`` (None: the data set's default), ``final_attention``: the distillation.
+    ``sweep_samples``: the conversion sweeps (and the student accuracy they are matched against) use the
+    first that many test samples (None: all).
+    """
+
+    teacher_epochs: int
+    student_epochs: int
+    batch_size: int
+    lr: float = 0.1
+    direct_lr: float = 0.1
+    schedule: str = "layerwise"
+    stage_epochs: int | None = 1
+    kd_weight: float = 1.0
+    kd_temperature: float = 4.0
+    beta: float | None = None
+    final_attention: bool = True
+    sweep_samples: int | None = None
+
+
+# Measured on this project's 2-core CPU; the README's ablation section shows the search behind each
+# choice and how to rerun it.
+DEMO_RECIPES: dict[str, DemoRecipe] = {
+    "mnist1d": DemoRecipe(20, 30, 64),
+    "digits": DemoRecipe(10, 10, 64),
+    "fashionmnist": DemoRecipe(8, 8, 128, sweep_samples=2000),
+    "synthetic": DemoRecipe(2, 4, 64),
+}
+_DEFAULT_RECIPE = DemoRecipe(30, 30, 128, stage_epochs=None)  # cifar-scale data sets (meant for a GPU)
+
+EVAL_BATCH = 500
+
+
+def _say(quiet: bool, *msg: Any) -> None:
+    if not quiet:
+        print(*msg, flush=True)
+
+
+def _check_int(name: str, v: object, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof 1; None for a single value)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _summary(values: list[float], curves: list[dict[int, float]], rates: list[float]) -> dict[str, Any]:
+    from lasnn.convert.report import curve_to_json
+
+    m, sd = _mean_std(values)
+    mean_curve = {t: sum(c[t] for c in curves) / len(curves) for t in curves[0]}
+    return {"accuracy": m, "accuracy_std": sd, "accuracy_by_seed": values, "firing_rate": sum(rates) / len(rates),
+            "accuracy_by_T": curve_to_json(mean_curve)}
+
+
+def run_demo(
+    out: str | os.PathLike,
+    *,
+    dataset: str = "mnist1d",
+    data_dir: str | None = None,
+    teacher_epochs: int | None = None,
+    student_epochs: int | None = None,
+    stage_epochs: int | None = None,
+    T: int = 4,
+    T_max: int = 256,
+    seed: int = 0,
+    seeds: int = 1,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """The comparison in one call: teacher ANN; per seed, the LaSNN student and the directly trained student
+    at ``T``; classic and robust conversions of the teacher swept over T = 1..T_max.
+
+    Args:
+        out: output folder (must not hold a demo yet).
+        dataset, data_dir: the data set (``lasnn.data.load_dataset``).
+        teacher_epochs, student_epochs, stage_epochs: override the data set's ``DEMO_RECIPES`` budget.
+        T: the students' time steps; ``T_max`` (>= T): the longest conversion latency.
+        seed, seeds: the students train with seeds ``seed .. seed + seeds - 1`` (the teacher with ``seed``).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    Returns:
+        the report written to ``out/report.json``: ``teacher``, ``student`` and ``direct`` (mean accuracy at
+        ``T``, its standard deviation and per-seed values, firing rate, mean curve over T), ``gain_over_direct``
+        (points, mean of the per-seed paired differences) and ``gain`` (std, standard error, whether the mean
+        exceeds twice the standard error), ``conversion`` (per recipe: curve, ``T_to_match_student``,
+        ``ratio``), ``recipe`` (everything needed to rerun it), timings.
+    Raises:
+        ValueError for bad arguments or an existing demo in ``out``; DatasetError for missing data.
+    """
+    from lasnn.convert.latency import accuracy_vs_timesteps
+    from lasnn.convert.pipeline import _convert_curve, _device, _loaders, ann_accuracy, snn_firing_rate
+    from lasnn.convert.report import curve_to_json, format_table, plot_latency, t_to_match, write_json
+    from lasnn.data import load_dataset
+    from lasnn.distill import distill, load_run, train_snn, train_teacher
+
+    T = _check_int("T", T, 1)
+    T_max = _check_int("T_max", T_max, 1)
+    if T_max < T:
+        raise ValueError(f"T_max ({T_max}) must be >= T ({T}): the conversions are matched against the student at T")
+    seeds = _check_int("seeds", seeds, 1)
+    seed = _check_int("seed", seed, 0)
+    for name, v in (("teacher_epochs", teacher_epochs), ("student_epochs", student_epochs),
+                    ("stage_epochs", stage_epochs)):
+        if v is not None:
+            _check_int(name, v, 1)
+    out = Path(out)
+    for name in ("teacher", "student", "direct", "report.json"):
+        if (out / name).exists():
+            raise ValueError(f"--out {str(out)!r} already holds a demo ({name}); choose an empty or new folder")
+    rec = DEMO_RECIPES.get(dataset, _DEFAULT_RECIPE)
+    rec = dataclasses.replace(
+        rec, teacher_epochs=teacher_epochs or rec.teacher_epochs, student_epochs=student_epochs or rec.student_epochs,
+        stage_epochs=stage_epochs if stage_epochs is not None else rec.stage_epochs,
+    )
+    t0, c0 = time.perf_counter(), time.process_time()
+    ds = load_dataset(dataset, data_dir)  # fail early, before any training, on a missing data set
+    out.mkdir(parents=True, exist_ok=True)
+    dev = _device(device)
+    timings: dict[str, float] = {}  # wall seconds per phase
+    cpu: dict[str, float] = {}  # CPU seconds (all threads) per phase
+    n_phases = 1 + 2 * seeds + 2
+
+    def phase(key: str):
+        class _Timer:
+            def __enter__(self):
+                self.t, self.c = time.perf_counter(), time.process_time()
+
+            def __exit__(self, *exc):
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - self.t
+                cpu[key] = cpu.get(key, 0.0) + time.process_time() - self.c
+
+        return _Timer()
+
+    _say(quiet, f"[1/{n_phases}] teacher ANN on {dataset}: {rec.teacher_epochs} epochs")
+    with phase("teacher"):
+        train_teacher(out=out / "teacher", dataset=dataset, data_dir=data_dir, epochs=rec.teacher_epochs, seed=seed,
+                      device=device, quiet=True)
+    kd = {"schedule": rec.schedule, "kd_weight": rec.kd_weight, "kd_temperature": rec.kd_temperature,
+          "final_attention": rec.final_attention}
+    if rec.schedule == "layerwise":
+        kd["stage_epochs"] = rec.stage_epochs
+    if rec.beta is not None:
+        kd["beta"] = rec.beta
+    common = {"dataset": dataset, "data_dir": data_dir, "T": T, "epochs": rec.student_epochs,
+              "batch_size": rec.batch_size, "device": device, "quiet": True}
+    run_seeds = list(range(seed, seed + seeds))
+    folders = []
+    for i, s in enumerate(run_seeds):
+        base = out if seeds == 1 else out / f"seed{s}"
+        folders.append(base)
+        _say(quiet, f"[{2 + 2 * i}/{n_phases}] LaSNN student SNN at T={T} ({rec.schedule}), seed {s}: "
+                    f"{rec.student_epochs} epochs")
+        with phase("student"):
+            distill(out=base / "student", teacher=str(out / "teacher"), seed=s, lr=rec.lr, **kd, **common)
+        _say(quiet, f"[{3 + 2 * i}/{n_phases}] the same student trained directly (no teacher), seed {s}: "
+                    f"{rec.student_epochs} epochs")
+        with phase("direct"):
+            train_snn(out=base / "direct", seed=s, lr=rec.direct_lr, **common)
+
+    calib, test = _loaders(ds, EVAL_BATCH)
+    sub = ds
+    if rec.sweep_samples is not None and rec.sweep_samples < ds.x_test.shape[0]:
+        n = rec.sweep_samples
+        sub = dataclasses.replace(ds, x_test=ds.x_test[:n], y_test=ds.y_test[:n])
+    sweep_test = sub.loader("test", EVAL_BATCH)
+    trun = load_run(out / "teacher")
+    teacher = trun.model.to(dev).eval()
+    teacher_acc = ann_accuracy(teacher, test, dev)
+    t_curve = min(T_max, 4 * T)
+    evals: dict[str, dict[str, list]] = {k: {"acc": [], "curve": [], "rate": [], "sweep_acc": []}
+                                         for k in ("student", "direct")}
+    names = {}
+    for base in folders:
+        for kind in ("student", "direct"):
+            run = load_run(base / kind)
+            names[kind] = run.config.student
+            model = run.model.to(dev).eval()
+            curve = accuracy_vs_timesteps(model, test, T_max=t_curve)
+            e = evals[kind]
+            e["acc"].append(curve[T])
+            e["curve"].append(curve)
+            e["rate"].append(snn_firing_rate(model, test, dev))
+            e["sweep_acc"].append(
+                curve[T] if sub is ds else accuracy_vs_timesteps(model, sweep_test, T_max=T)[T])
+    student = _summary(evals["student"]["acc"], evals["student"]["curve"], evals["student"]["rate"])
+    direct = _summary(evals["direct"]["acc"], evals["direct"]["curve"], evals["direct"]["rate"])
+    gains = [100 * (a - b) for a, b in zip(evals["student"]["acc"], evals["direct"]["acc"], strict=True)]
+    g_mean, g_std = _mean_std(gains)
+    g_se = g_std / math.sqrt(len(gains)) if g_std is not None else None
+    student_target = sum(evals["student"]["sweep_acc"]) / seeds
+
+    conversions: dict[str, Any] = {}
+    curves = {f"LaSNN student ({names['student']})": {int(t): a for t, a in student["accuracy_by_T"].items()},
+              f"direct training ({names['direct']})": {int(t): a for t, a in direct["accuracy_by_T"].items()}}
+    recipes = {"classic": ("max", 0.0), "robust": ("robust", 0.5)}
+    for i, (name, (method, membrane)) in enumerate(recipes.items()):
+        _say(quiet, f"[{2 + 2 * seeds + i}/{n_phases}] {name} conversion ({method} thresholds, membrane starting at "
+                    f"{membrane:g}·θ), T = 1..{T_max}"
+                    + (f" on the first {rec.sweep_samples} test samples" if sub is not ds else ""))
+        with phase(f"conversion_{name}"):
+            _, curve, rate = _convert_curve(teacher, calib, sweep_test, method=method, percentile=99.9,
+                                            initial_membrane=membrane, T_max=T_max, device=dev)
+        match = t_to_match(curve, student_target)
+        conversions[name] = {
+            "method": method, "percentile": 99.9 if method == "robust" else None, "initial_membrane": membrane,
+            "accuracy_by_T": curve_to_json(curve), "T_to_match_student": match,
+            "ratio": (match / T) if match is not None else None, "firing_rate": rate,
+        }
+        curves[f"{name} conversion"] = curve
+
+    seconds = time.perf_counter() - t0
+    # CPU time of this process (all threads): on a shared machine wall time mostly measures the neighbours
+    cpu_seconds = time.process_time() - c0
+    epochs_info = {"epochs": rec.student_epochs, "batch_size": rec.batch_size}
+    report = {
+        "dataset": dataset,
+        "seeds": run_seeds,
+        "teacher": {"model": trun.config.model, "accuracy": teacher_acc, "epochs": rec.teacher_epochs},
+        "student": {"model": names["student"], "T": T, "schedule": rec.schedule, **student, **epochs_info},
+        "direct": {"model": names["direct"], "T": T, **direct, **epochs_info},
+        "gain_over_direct": g_mean,
+        "gain": {"mean": g_mean, "std": g_std, "stderr": g_se, "by_seed": gains,
+                 "exceeds_2_stderr": (g_mean > 2 * g_se) if g_se is not None else None},
+        "recipe": {
+            "student": {"optimizer": "sgd", "lr": rec.lr, "momentum": 0.9, "weight_decay": 5e-4, **kd,
+                        "beta": load_run(folders[0] / "student").config.beta, **epochs_info},
+            "direct": {"optimizer": "sgd", "lr": rec.direct_lr, "momentum": 0.9, "weight_decay": 5e-4, **epochs_info},
+            "schedule_lr": "cosine to 0 per stage",
+        },
+        "conversion": conversions,
+        "conversion_test_samples": int(sub.x_test.shape[0]),
+        "student_accuracy_on_conversion_samples": student_target,
+        "T_max": T_max,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "cpu_timings": {k: round(v, 2) for k, v in cpu.items()},
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),
+    }
+    write_json(out / "report.json", report)
+    plot_latency(out / "latency.png", curves, teacher_acc=teacher_acc,
+                 points={f"student at T={T}": (T, student["accuracy"]), f"direct at T={T}": (T, direct["accuracy"])},
+                 title=f"{dataset}: LaSNN student vs direct training vs conversion ({trun.config.model} teacher)")
+    if not quiet:
+        print()
+        print(format_table({"student": curves[f"LaSNN student ({names['student']})"],
+                            "direct": curves[f"direct training ({names['direct']})"],
+                            "classic": curves["classic conversion"], "robust": curves["robust conversion"]},
+                           reference={"teacher": teacher_acc}))
+        print()
+        print(_headline(report))
+        for name, c in conversions.items():
+            m = c["T_to_match_student"]
+            print(f"{name:>8} conversion reaches the student's accuracy at T={m} "
+                  f"({c['ratio']:g}x the student's T)" if m is not None else
+                  f"{name:>8} conversion does not reach the student's accuracy by T={T_max} (ratio > "
+                  f"{T_max / T:g}x)")
+        if sub is not ds:
+            print(f"(conversion sweeps and the student accuracy they match: the first {sub.x_test.shape[0]} test "
+                  f"samples, student {100 * student_target:.2f}% there)")
+        print(f"{seconds:.1f} s on {dev} ({torch.get_num_threads()} threads, {cpu_seconds:.1f} s CPU time) -> "
+              f"{out / 'report.json'}, {out / 'latency.png'}")
+    return report
+
+
+def _pm(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.2f}%" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _headline(rep: dict[str, Any]) -> str:
+    """The printed verdict: teacher, both students, the gain and whether it is above the seed noise."""
+    st, di, g = rep["student"], rep["direct"], rep["gain"]
+    k = len(rep["seeds"])
+    lines = [f"teacher {rep['teacher']['model']}: {100 * rep['teacher']['accuracy']:.2f}%",
+             f"LaSNN student {st['model']} at T={st['T']}: {_pm(st['accuracy'], st['accuracy_std'])} "
+             f"(firing rate {st['firing_rate']:.3f})",
+             f"direct training, same student: {_pm(di['accuracy'], di['accuracy_std'])} "
+             f"(firing rate {di['firing_rate']:.3f})"]
+    if g["stderr"] is None:
+        lines.append(f"gain over direct training: {g['mean']:+.2f} points (one seed: no spread, an anecdote; "
+                     "use --seeds 3 or more)")
+    else:
+        verdict = "larger" if g["exceeds_2_stderr"] else "NOT larger"
+        lines.append(f"gain over direct training: {g['mean']:+.2f} ± {g['stderr']:.2f} points (mean ± standard error "
+                     f"over {k} seeds): {verdict} than twice its standard error")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ command
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lasnn.data import DatasetError
+
+    kw: dict[str, Any] = {}
+    if args.quick:  # the test suite's reduced mode: tiny data set, a couple of epochs, short sweep
+        kw = {"teacher_epochs": 6, "student_epochs": 6, "stage_epochs": 1}
+    for k in ("teacher_epochs", "student_epochs"):
+        if getattr(args, k) is not None:
+            kw[k] = getattr(args, k)
+    try:
+        run_demo(args.out, dataset=args.dataset, data_dir=args.data_dir, T=args.T, T_max=args.T_max, seed=args.seed,
+                 seeds=args.seeds, device=args.device, quiet=args.quiet, **kw)
+    except (ValueError, TypeError, FileNotFoundError, DatasetError) as e:
+        print(f"lasnn demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``demo`` to the ``lasnn`` command line."""
+    from lasnn.data import DATASETS
+
+    p = subparsers.add_parser(
+        "demo", help="what distillation adds: LaSNN student vs direct training vs converted SNNs",
+        description="Train a teacher ANN; per seed, distil a small SNN student at T=4 (LaSNN) and train the same "
+        "student directly (no teacher); convert the teacher with the classic (max, membrane 0) and robust (99.9th "
+        "percentile, membrane θ/2) recipes and sweep T = 1..T_max; print a table and the gain over direct "
+        "training, write OUT/report.json and OUT/latency.png.",
+    )
+    p.add_argument("--out", required=True, help="output folder (must not hold a demo yet)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist1d",
+                   help="mnist1d (default), digits, fashionmnist (apt-get install dataset-fashion-mnist, or "
+                        "--data-dir); cifar10/cifar100/tinyimagenet with --data-dir (GPU advised)")
+    p.add_argument("--data-dir", dest="data_dir", default=None, help="data folder for the file-based data sets")
+    p.add_argument("--T", dest="T", type=_positive_int, default=4, help="time steps of the students (default 4)")
+    p.add_argument("--T-max", dest="T_max", type=_positive_int, default=256,
+                   help="longest conversion latency, >= --T (default 256)")
+    p.add_argument("--teacher-epochs", dest="teacher_epochs", type=_positive_int, default=None,
+                   help="override the data set's teacher epochs")
+    p.add_argument("--student-epochs", dest="student_epochs", type=_positive_int, default=None,
+                   help="override the data set's student epochs (both students)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help="train both students with this many seeds (one teacher) and report mean, spread and "
+                        "whether the gain exceeds twice its standard error (default 1)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # reduced mode for the test suite
+    p.set_defaults(func=_cmd_demo)
