@@ -1,4 +1,8 @@
-"""Process-level CPU settings that the kernels' speed depends on.
+"""Process-level state: the CPU settings the kernels' speed depends on, and the global RNG streams.
+
+``rng_state()`` / ``set_rng_state()`` / ``preserved_rng()``: every global RNG a run draws from (torch CPU
+and CUDA, numpy's legacy global RNG, Python's ``random``), captured as weights_only-safe tensors (what
+checkpoints hold) or saved and restored around a block (so library calls leave the caller's streams alone).
 
 ``keep_cpu_memory()``: on glibc, large ``malloc`` blocks (>= 128 KiB, adaptively up to 32 MiB) are
 fresh ``mmap`` regions, unmapped again on ``free``. Every new CPU tensor of that size is then
@@ -13,11 +17,18 @@ what preloading jemalloc or tcmalloc gives, but it can be done from inside a run
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import random
 import sys
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["keep_cpu_memory"]
+import numpy as np
+import torch
+
+__all__ = ["keep_cpu_memory", "preserved_rng", "rng_state", "set_rng_state"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -57,3 +68,44 @@ def keep_cpu_memory(mmap_threshold: int = 1 << 30) -> bool:
     if mallopt(_M_MMAP_THRESHOLD, mmap_threshold) != 1:
         return False
     return mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+
+
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, as tensors/primitives (weights_only-safe)."""
+    # The legacy global numpy RNG is what third-party code draws from; capture it as well.
+    np_state = np.random.get_state()  # noqa: NPY002
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_meta": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": torch.tensor(py_state[1], dtype=torch.int64),
+        "python_version": int(py_state[0]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block with the caller's RNG streams saved and restored afterwards (torch CPU and CUDA, numpy's
+    global RNG, Python's ``random``): what a library call seeds or draws inside does not leak out."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    torch.set_rng_state(state["torch"].cpu())
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    pos, has_gauss, cached = state["numpy_meta"]
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))  # noqa: NPY002
+    random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

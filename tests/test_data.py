@@ -323,3 +323,19 @@ def test_fashionmnist_from_the_debian_package():
     assert torch.equal(torch.bincount(ds.y_train), torch.full((10,), 6000))
     assert torch.equal(torch.bincount(ds.y_test), torch.full((10,), 1000))
     assert abs(ds.mean[0] - 0.2860) < 1e-3 and abs(ds.std[0] - 0.3530) < 1e-3  # the published statistics
+
+
+def test_mnist1d_generation_leaves_the_global_rngs_alone():
+    import random
+
+    from lasnn.data.datasets import _mnist1d_arrays
+
+    _mnist1d_arrays.cache_clear()
+    random.seed(3)
+    np.random.seed(3)  # noqa: NPY002
+    expected = (random.random(), np.random.random())  # noqa: NPY002
+    random.seed(3)
+    np.random.seed(3)  # noqa: NPY002
+    ds = load_dataset("mnist1d")
+    assert (random.random(), np.random.random()) == expected  # noqa: NPY002
+    assert ds.x_train.shape == (4000, 1, 40)

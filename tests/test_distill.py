@@ -305,3 +305,40 @@ def test_config_validation_and_round_trip():
         train_snn(out="/nonexistent/never", teacher="t")
     with pytest.raises(TypeError, match="unknown TeacherConfig field"):
         train_teacher(out="/nonexistent/never", bogus=1)
+
+
+def _draws():
+    import random
+
+    import numpy as np
+
+    return random.random(), np.random.random(), float(torch.rand(()))  # noqa: NPY002
+
+
+def test_runs_leave_the_callers_rng_streams_and_plot_backend_alone(tmp_path):
+    import random
+
+    import matplotlib
+    import numpy as np
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        def seed_all():
+            random.seed(7)
+            np.random.seed(7)  # noqa: NPY002
+            torch.manual_seed(7)
+
+        seed_all()
+        expected = _draws()
+        seed_all()
+        train_snn(out=tmp_path / "a", epochs=1, T=2, quiet=True, **SMALL)
+        assert _draws() == expected, "train_snn changed the caller's RNG streams"
+        seed_all()
+        # resuming (even a finished run) loads every RNG state of its last.pt
+        train_snn(out=tmp_path / "a", resume=True, epochs=1, T=2, quiet=True, **SMALL)
+        assert _draws() == expected, "a resumed run changed the caller's RNG streams"
+        assert matplotlib.get_backend() == "svg"  # curves.png was drawn without switching the backend
+        assert (tmp_path / "a" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        matplotlib.use(before)

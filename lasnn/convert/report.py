@@ -70,12 +70,11 @@ def plot_latency(
 ) -> None:
     """Accuracy vs time steps (log-scale T) for each curve, the teacher ANN as a horizontal line, and
     marked points (e.g. the student at its training T). Written atomically as PNG."""
-    import matplotlib
+    # A bare Figure (Agg canvas): pyplot's global state and the caller's backend stay untouched.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for name, c in curves.items():
         ts = sorted(c)
         ax.plot(ts, [100 * c[t] for t in ts], label=name, lw=1.6)
@@ -98,5 +97,4 @@ def plot_latency(
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)

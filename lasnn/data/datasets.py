@@ -166,9 +166,13 @@ def _load_digits(data_dir: Path | None, seed: int) -> Dataset:
 def _mnist1d_arrays() -> dict:
     from mnist1d.data import get_dataset_args, make_dataset
 
+    from lasnn.runtime import preserved_rng
+
     # make_dataset generates the standard split offline in about a second (its get_dataset would
-    # download a pickle instead), so an in-process cache is all it needs.
-    return make_dataset(get_dataset_args())
+    # download a pickle instead), so an in-process cache is all it needs. It seeds Python's and
+    # numpy's global RNGs; the caller's streams are restored afterwards.
+    with preserved_rng():
+        return make_dataset(get_dataset_args())
 
 
 def _load_mnist1d(data_dir: Path | None, seed: int) -> Dataset:

@@ -9,12 +9,10 @@ without executing code, and a file from another program (or a truncated one) fai
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "atomic_write_text", "load_checkpoint", "save_checkpoint"]
@@ -84,35 +82,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     return ckpt
 
 
-# ------------------------------------------------------------------------------------------- RNG
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG this process draws from, as tensors/primitives (weights_only-safe)."""
-    # The legacy global numpy RNG is what third-party code draws from; capture it as well.
-    np_state = np.random.get_state()  # noqa: NPY002
-    py_state = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-        "numpy_meta": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": torch.tensor(py_state[1], dtype=torch.int64),
-        "python_version": int(py_state[0]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` captured."""
-    torch.set_rng_state(state["torch"].cpu())
-    keys = state["numpy_keys"].numpy().astype(np.uint32)
-    pos, has_gauss, cached = state["numpy_meta"]
-    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))  # noqa: NPY002
-    random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python"].tolist()), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+# ------------------------------------------------------------------ generators owned by modules
 
 
 def module_generator_states(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -37,14 +37,13 @@ from lasnn.distill.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     module_generator_states,
-    rng_state,
     save_checkpoint,
     set_module_generator_states,
-    set_rng_state,
 )
 from lasnn.distill.config import DistillConfig, SNNConfig, TeacherConfig, config_from_dict, default_beta
 from lasnn.distill.dist import DistEnv, setup_distributed
 from lasnn.distill.taps import TappedModel, match_pairs, parameters_reaching
+from lasnn.runtime import preserved_rng, rng_state, set_rng_state
 
 __all__ = ["Run", "RunError", "distill", "load_run", "train_snn", "train_teacher"]
 
@@ -631,13 +630,12 @@ def _check_resume_compatible(saved: TeacherConfig, cls: type, explicit: dict[str
 
 
 def _plot_curves(out: Path, history: list[dict[str, Any]], cfg: TeacherConfig) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (Agg canvas): pyplot's global state and the caller's backend stay untouched.
+    from matplotlib.figure import Figure
 
     ep = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
     for key in ("train_loss", "train_ce", "train_kd", "train_attn", "test_loss"):
         if any(key in r for r in history):
             ax1.plot(ep, [r.get(key, float("nan")) for r in history], marker=".", label=key)
@@ -661,7 +659,6 @@ def _plot_curves(out: Path, history: list[dict[str, Any]], cfg: TeacherConfig) -
     fig.tight_layout()
     tmp = out / ".curves.png.tmp.png"
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, out / "curves.png")
 
 
@@ -677,6 +674,14 @@ def _make_config(cls: type, config: TeacherConfig | None, overrides: dict[str, A
     if unknown:
         raise TypeError(f"unknown {cls.__name__} field(s) {unknown}; expected some of {sorted(names)}")
     return dataclasses.replace(base, **overrides)
+
+
+def _train(cls: type, config: TeacherConfig | None, overrides: dict[str, Any], out: str | os.PathLike,
+           resume: bool, quiet: bool) -> dict[str, Any]:
+    # The run seeds and (on resume) restores the global RNGs it draws from; the caller's streams are
+    # saved around it so that a library call leaves them as it found them.
+    with preserved_rng():
+        return _Trainer(cls, config, overrides, Path(out), resume=resume, quiet=quiet).run()
 
 
 def train_teacher(
@@ -696,7 +701,7 @@ def train_teacher(
     Returns:
         final metrics: ``{"test_acc", "best_test_acc", "train_acc", "epochs", "model", "dataset", "seconds", ...}``.
     """
-    return _Trainer(TeacherConfig, config, overrides, Path(out), resume=resume, quiet=quiet).run()
+    return _train(TeacherConfig, config, overrides, out, resume, quiet)
 
 
 def distill(
@@ -708,7 +713,7 @@ def distill(
     Example: ``distill(out="runs/s", dataset="digits", teacher="runs/t", T=4, schedule="layerwise", epochs=6)``.
     Returns the final metrics plus ``T``, ``schedule``, ``stages``, ``pairs``, ``firing_rate`` and ``teacher``.
     """
-    return _Trainer(DistillConfig, config, overrides, Path(out), resume=resume, quiet=quiet).run()
+    return _train(DistillConfig, config, overrides, out, resume, quiet)
 
 
 def train_snn(
@@ -721,4 +726,4 @@ def train_snn(
     DDP as ``train_teacher``. Example: ``train_snn(out="runs/d", dataset="mnist1d", T=4, epochs=30)``.
     Returns the final metrics plus ``T``, ``schedule`` (``"direct"``) and ``firing_rate``.
     """
-    return _Trainer(SNNConfig, config, overrides, Path(out), resume=resume, quiet=quiet).run()
+    return _train(SNNConfig, config, overrides, out, resume, quiet)
