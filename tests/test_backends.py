@@ -92,12 +92,15 @@ def test_unknown_backend_argument(no_backend_env):
 
 @pytest.mark.parametrize("backend", ["cuda", "triton", "cpu"])
 def test_explicit_unavailable_backend_lists_reasons(no_backend_env, backend):
-    # bf16 on CPU under the interpreter, or any CPU tensor for cuda: pick a (device, dtype) the backend rejects.
+    # Pick a tensor the backend rejects on every machine: a CPU tensor for cuda, bf16 or a meta tensor for
+    # triton, a meta tensor for cpu (which runs every CPU dtype once the extension is built).
     x = torch.randn(2, 3)
-    if backends.unavailable_reason("lif", backend, x.device, x.dtype) is None:
-        x = x.to(torch.bfloat16)
-        if backends.unavailable_reason("lif", backend, x.device, x.dtype) is None:
-            pytest.skip(f"{backend} runs every CPU dtype here")
+    for cand in (x, x.to(torch.bfloat16), torch.empty(2, 3, device="meta")):
+        if backends.unavailable_reason("lif", backend, cand.device, cand.dtype) is not None:
+            x = cand
+            break
+    else:
+        raise AssertionError(f"{backend} accepts a meta tensor")
     with pytest.raises(RuntimeError) as err:
         lasnn.lif(x, backend=backend)
     msg = str(err.value)
