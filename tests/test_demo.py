@@ -103,6 +103,26 @@ def test_demo_with_seeds_reports_mean_spread_and_gain(tmp_path, capsys):
     assert "gain over direct training" in printed and "standard error over 2 seeds" in printed
 
 
+def test_demo_conversion_subset_is_reported_and_matched_on_the_same_samples(tmp_path, monkeypatch):
+    import dataclasses
+
+    from lasnn import demo
+
+    monkeypatch.setitem(demo.DEMO_RECIPES, "synthetic",
+                        dataclasses.replace(demo.DEMO_RECIPES["synthetic"], sweep_samples=50))
+    rep = demo.run_demo(tmp_path / "d", dataset="synthetic", teacher_epochs=2, student_epochs=4, T_max=8, quiet=True)
+    assert rep["conversion_test_samples"] == 50
+    for c in rep["conversion"].values():
+        acc = {int(t): a for t, a in c["accuracy_by_T"].items()}
+        assert all(abs(round(a * 50) - a * 50) < 1e-9 for a in acc.values())  # k / 50: over the 50 samples
+        m, target = c["T_to_match_student"], rep["student_accuracy_on_conversion_samples"]
+        assert m is None or (acc[m] >= target and all(acc[t] < target for t in range(1, m)))
+    # the student's full-test accuracy is over all 128 test samples, the matched one over the 50
+    assert abs(round(rep["student"]["accuracy"] * 128) - rep["student"]["accuracy"] * 128) < 1e-9
+    assert abs(round(rep["student_accuracy_on_conversion_samples"] * 50)
+               - rep["student_accuracy_on_conversion_samples"] * 50) < 1e-9
+
+
 def test_bad_arguments(demo_dir, tmp_path, capsys):
     assert main(["demo", "--out", str(demo_dir), "--dataset", "synthetic", "--quick"]) == 2
     assert "already holds a demo" in capsys.readouterr().err
