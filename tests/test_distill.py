@@ -91,8 +91,8 @@ def test_distill_schedules_reduce_loss_and_beat_chance(teacher, tmp_path, schedu
         assert "train_ce" not in recs[0] and recs[0]["train_attn"] > 0  # attention-only stage
         assert len(snaps) == 3  # entering pair1, pair2, final
 
-        def changed(a, b, prefix):
-            return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix) and k.endswith("weight"))
+        def changed(a, b, prefix):  # any parameter or buffer (batch-norm running statistics too)
+            return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
 
         start, pair2, final = snaps
         assert changed(start, pair2, "body.stage1.") and not changed(start, pair2, "body.stage2.")
@@ -342,3 +342,24 @@ def test_runs_leave_the_callers_rng_streams_and_plot_backend_alone(tmp_path):
         assert (tmp_path / "a" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         matplotlib.use(before)
+
+
+def test_only_the_attention_terms_a_stage_uses_are_computed(teacher, tmp_path, monkeypatch):
+    import lasnn
+
+    calls: list[int] = []
+    real = lasnn.attention_loss
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lasnn, "attention_loss", counting)
+    # joint with beta=0: no attention term at all (the metrics still report it as 0)
+    distill(out=tmp_path / "kd", teacher=str(teacher), schedule="joint", beta=0.0, epochs=1, T=2, quiet=True,
+            **STUDENT)
+    assert calls == [] and _records(tmp_path / "kd")[0]["train_attn"] == 0.0
+    # layer-wise: one term per step in a pair stage (of two pairs), both in the final stage
+    distill(out=tmp_path / "lw", teacher=str(teacher), schedule="layerwise", epochs=3, T=2, quiet=True, **STUDENT)
+    steps = _records(tmp_path / "lw")[0]["train_samples"] // STUDENT["batch_size"]
+    assert len(calls) == steps * (1 + 1 + 2)

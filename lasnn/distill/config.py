@@ -109,7 +109,8 @@ class DistillConfig(SNNConfig):
     ``pairs``: ``"auto"`` or a list of ``"student_stage:teacher_stage"`` names (one name means the
     same on both sides). Loss: ``ce + kd_weight * KD(T=kd_temperature) + beta * sum(attention losses)``.
     ``layerwise``: one stage of ``stage_epochs`` epochs per pair (attention loss of that pair only,
-    student up to that block; earlier blocks ``freeze`` or train at ``earlier_lr_scale`` x lr), then the
+    student up to that block; earlier blocks ``freeze`` (no gradient, and eval mode, so batch norm's running
+    statistics stay fixed too) or train at ``earlier_lr_scale`` x lr), then the
     remaining epochs train everything on CE + KD (+ attention if ``final_attention``). ``joint``: all
     terms for all ``epochs``. ``stage_epochs=None``: ``max(1, epochs // (2 * pairs))``.
 

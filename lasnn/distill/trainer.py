@@ -400,6 +400,16 @@ class _Trainer:
             )
         self.net = net
 
+    def _train_mode(self) -> None:
+        # Frozen means frozen: a module none of whose own parameters train in this stage (an earlier block
+        # under earlier="freeze", a later block during a pair stage) runs in eval mode, so batch norm's
+        # running statistics stay as they are too.
+        self.model.train()
+        for m in self.model.modules():
+            own = list(m.parameters(recurse=False))
+            if own and not any(p.requires_grad for p in own):
+                m.eval()
+
     def _set_lr(self, stage_step: int, stage_steps: int) -> float:
         # Per-step cosine from lr to 0 within the stage: a pure function of the step, so nothing to save.
         f = 0.5 * (1.0 + math.cos(math.pi * stage_step / stage_steps))
@@ -423,13 +433,14 @@ class _Trainer:
             logits, s_feats = self.net(x)
         logits, t_logits = logits.float(), t_logits.float()
         parts: dict[str, float] = {}
-        # No casts here: the fused op computes in fp32 from bf16 features without a full-size copy.
-        att = [
-            attention_loss(s_feats[k], t_feats[k], p=cfg.p, time_reduce=cfg.time_reduce)
-            for k in range(len(self.pairs))
-        ]
+
+        def att(k: int) -> torch.Tensor:
+            # No casts here: the fused op computes in fp32 from bf16 features without a full-size copy.
+            return attention_loss(s_feats[k], t_feats[k], p=cfg.p, time_reduce=cfg.time_reduce)
+
+        # Only the attention terms the loss uses are computed (a pair stage: its own; beta=0: none).
         if stage.pair is not None:
-            loss = cfg.beta * att[stage.pair]
+            loss = cfg.beta * att(stage.pair)
             parts["attn"] = loss.item()
         else:
             ce = F.cross_entropy(logits, y)
@@ -437,9 +448,12 @@ class _Trainer:
             loss = ce + cfg.kd_weight * kd
             parts["ce"], parts["kd"] = ce.item(), kd.item()
             if cfg.schedule == "joint" or cfg.final_attention:
-                a = cfg.beta * torch.stack(att).sum()
-                loss = loss + a
-                parts["attn"] = a.item()
+                if cfg.beta > 0:
+                    a = cfg.beta * torch.stack([att(k) for k in range(len(self.pairs))]).sum()
+                    loss = loss + a
+                    parts["attn"] = a.item()
+                else:
+                    parts["attn"] = 0.0
         return loss, parts, int((logits.argmax(1) == y).sum())
 
     # -- evaluation over this rank's shard of the test set, totals all-reduced
@@ -512,7 +526,7 @@ class _Trainer:
             if first == 0:
                 self.accum = _zero_accum()
             t0 = time.perf_counter()
-            self.model.train()
+            self._train_mode()
             self.train_loader.set_epoch(epoch)
             bar = tqdm(total=self.steps_per_epoch, initial=first, disable=not show_bar, leave=False,
                        desc=f"epoch {epoch + 1}/{self.total_epochs} {stage.name}", dynamic_ncols=True)
