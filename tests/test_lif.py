@@ -299,6 +299,11 @@ def test_opcheck(backend):
     g = torch.randn_like(x)
     torch.library.opcheck(bwd, (g, torch.randn(50, device=device), x, v0, 2.0, 1.0, 0.0, False, True, False, 0, 4.0))
     torch.library.opcheck(bwd, (g, None, x, None, 2.0, 1.0, 0.0, True, True, True, 1, 2.0))
+    # non-contiguous (permuted) inputs: the fakes must describe the contiguous outputs the kernels return
+    xp = x.t().contiguous().t()  # [T, N] with strides (1, T)
+    assert not xp.is_contiguous()
+    torch.library.opcheck(fwd, (xp, None, 2.0, 1.0, 0.0, False, True))
+    torch.library.opcheck(bwd, (torch.randn_like(xp), None, xp, None, 2.0, 1.0, 0.0, False, True, False, 0, 4.0))
 
 
 @pytest.mark.parametrize("backend", KERNEL_PARAMS)

@@ -30,12 +30,14 @@ _BWD_SCHEMA = (
 )
 
 
+# The kernels return fresh contiguous tensors whatever the input's strides; the fakes say so (empty_like
+# would keep a permuted input's strides).
 def _fake_fwd(x, v_init, tau, v_threshold, v_reset, soft_reset, decay_input):
-    return torch.empty_like(x), x.new_empty(x.shape[1:])
+    return x.new_empty(x.shape), x.new_empty(x.shape[1:])
 
 
 def _fake_bwd(grad_spikes, grad_v_last, x, v_init, *args):
-    return torch.empty_like(x), x.new_empty(x.shape[1:])
+    return x.new_empty(x.shape), x.new_empty(x.shape[1:])
 
 
 _lib = register_op_pair("lif", _FWD_SCHEMA, _BWD_SCHEMA, _fake_fwd, _fake_bwd, "lif")
