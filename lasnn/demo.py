@@ -305,7 +305,7 @@ def run_demo(
 
 
 def _pm(mean: float, std: float | None) -> str:
-    return f"{100 * mean:.2f}%" + (f" ± {100 * std:.2f}" if std is not None else "")
+    return f"{100 * mean:.2f}%" + (f" ± {100 * std:.2f} (std)" if std is not None else "")
 
 
 def _headline(rep: dict[str, Any]) -> str:
@@ -321,9 +321,14 @@ def _headline(rep: dict[str, Any]) -> str:
         lines.append(f"gain over direct training: {g['mean']:+.2f} points (one seed: no spread, an anecdote; "
                      "use --seeds 3 or more)")
     else:
-        verdict = "larger" if g["exceeds_2_stderr"] else "NOT larger"
+        if g["exceeds_2_stderr"]:
+            verdict = "distillation wins: the gain exceeds twice its standard error"
+        elif -g["mean"] > 2 * g["stderr"]:
+            verdict = "direct training wins: the loss exceeds twice its standard error"
+        else:
+            verdict = "within the seed noise (less than twice its standard error)"
         lines.append(f"gain over direct training: {g['mean']:+.2f} ± {g['stderr']:.2f} points (mean ± standard error "
-                     f"over {k} seeds): {verdict} than twice its standard error")
+                     f"over {k} seeds): {verdict}")
     return "\n".join(lines)
 
 

@@ -101,6 +101,9 @@ def test_demo_with_seeds_reports_mean_spread_and_gain(tmp_path, capsys):
     assert g["exceeds_2_stderr"] == (g["mean"] > 2 * g["stderr"])
     assert rep["student"]["accuracy"] == pytest.approx(sum(rep["student"]["accuracy_by_seed"]) / 2)
     assert "gain over direct training" in printed and "standard error over 2 seeds" in printed
+    verdict = ("distillation wins" if g["exceeds_2_stderr"] else "direct training wins"
+               if -g["mean"] > 2 * g["stderr"] else "within the seed noise")
+    assert verdict in printed
 
 
 def test_demo_conversion_subset_is_reported_and_matched_on_the_same_samples(tmp_path, monkeypatch):
