@@ -61,7 +61,7 @@ def _extensions():
     libs_args = {"extra_link_args": ["-fopenmp"]}
     if want_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-DLASNN_WITH_CUDA"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
         if not arch and not torch.cuda.is_available():
             # No GPU to ask: compile for Hopper (our GPU machines) plus PTX for forward compatibility.
@@ -70,7 +70,7 @@ def _extensions():
             "lasnn._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": [*cxx, "-DLASNN_WITH_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             py_limited_api=True,
             **libs_args,
         )

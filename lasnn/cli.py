@@ -51,13 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _runs_on_cpu(args: argparse.Namespace) -> bool:
+    """Whether the command computes on the CPU (its --device, "auto" meaning CPU when no GPU is visible)."""
+    if args.command in ("info", "models"):
+        return False
+    device = str(getattr(args, "device", "auto"))
+    if device == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return device == "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lasnn`` / ``python -m lasnn``."""
     args = build_parser().parse_args(argv)
     # Large CPU tensors page-faulted in afresh on every allocation cost more than the kernels
-    # (lasnn/runtime.py); a lasnn command owns its process, so keep freed memory unless told not to.
-    if os.environ.get("LASNN_KEEP_CPU_MEMORY", "1") != "0":
-        keep_cpu_memory()
+    # (lasnn/runtime.py); a lasnn command that trains or simulates on the CPU owns its process, so it keeps
+    # freed memory unless told not to. GPU runs and the informational commands leave malloc alone.
+    if os.environ.get("LASNN_KEEP_CPU_MEMORY", "1") != "0" and _runs_on_cpu(args) and keep_cpu_memory():
+        if not getattr(args, "quiet", False):
+            print("lasnn: CPU run: glibc keeps freed memory in this process (LASNN_KEEP_CPU_MEMORY=0: off)",
+                  file=sys.stderr)
     return int(args.func(args) or 0)
 
 

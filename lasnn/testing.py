@@ -30,8 +30,6 @@ __all__ = [
     "backend_device",
     "cuda_available",
     "make_currents",
-    "requires_cuda",
-    "requires_triton",
     "skip_unless_backend",
     "spike_rate",
     "tolerance",
@@ -159,23 +157,6 @@ def skip_unless_backend(op: str, backend: str, device: torch.device, dtype: torc
         why = "no CUDA GPU is visible"
     if why is not None:
         pytest.skip(f"{op}/{backend} on {device.type} {dtype}: {why}")
-
-
-def _marks():
-    try:
-        import pytest
-    except ImportError:  # lasnn.testing stays importable without pytest
-        return None, None
-    cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
-    triton = pytest.mark.skipif(
-        not triton_runnable(),
-        reason=_ext.TRITON_ERROR or "Triton needs a CUDA GPU or TRITON_INTERPRET=1 (set before import)",
-    )
-    return cuda, triton
-
-
-# Marks: ``@requires_cuda`` / ``@requires_triton``; combine with ``pytest.mark.cuda`` / ``.triton``.
-requires_cuda, requires_triton = _marks()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def digits():
 
 
 def test_digits_split_is_fixed_stratified_and_complete(digits):
-    assert digits.input_shape == (1, 8, 8) and digits.num_classes == 10 and digits.kind == "image"
+    assert digits.input_shape == (1, 8, 8) and digits.num_classes == 10 and digits.x_train.dim() == 4
     assert digits.x_train.shape[0] + digits.x_test.shape[0] == 1797
     assert digits.x_test.shape[0] == 360
     again = load_dataset("digits")
@@ -39,7 +39,7 @@ def test_normalisation_standardises_train_split(digits):
 def test_mnist1d_is_the_standard_offline_split():
     ds = load_dataset("mnist1d")
     assert ds.x_train.shape == (4000, 1, 40) and ds.x_test.shape == (1000, 1, 40)
-    assert ds.kind == "signal" and ds.num_classes == 10
+    assert ds.x_train.dim() == 3 and ds.num_classes == 10
     assert set(ds.y_train.unique().tolist()) == set(range(10))
     assert ds.crop_padding == 0 and not ds.hflip  # signals: no flips, no crops
 

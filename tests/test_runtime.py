@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import lasnn
 
@@ -53,3 +54,15 @@ def test_keep_cpu_memory_bad_input():
         lasnn.keep_cpu_memory(1 << 40)
     with pytest.raises(TypeError, match="mmap_threshold"):
         lasnn.keep_cpu_memory(1.5e9)
+
+
+def test_commands_keep_cpu_memory_only_for_cpu_runs():
+    from lasnn.cli import _runs_on_cpu, build_parser
+
+    p = build_parser()
+    assert not _runs_on_cpu(p.parse_args(["info"]))
+    assert not _runs_on_cpu(p.parse_args(["train-snn", "--out", "x", "--device", "cuda"]))
+    assert not _runs_on_cpu(p.parse_args(["demo", "--out", "x", "--device", "cuda:1"]))
+    assert _runs_on_cpu(p.parse_args(["distill", "--out", "x", "--device", "cpu"]))
+    auto = p.parse_args(["train-teacher", "--out", "x"])  # --device auto: the CPU unless a GPU is visible
+    assert _runs_on_cpu(auto) == (not torch.cuda.is_available())

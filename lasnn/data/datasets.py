@@ -57,11 +57,6 @@ class Dataset:
         """Shape of one sample without the batch axis: ``(C, H, W)`` or ``(C, L)``."""
         return tuple(self.x_train.shape[1:])
 
-    @property
-    def kind(self) -> str:
-        """``"image"`` (2-D spatial) or ``"signal"`` (1-D)."""
-        return "image" if self.x_train.dim() == 4 else "signal"
-
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw batch ``[B, C, ...]`` -> float32 model input: ``(x * scale - mean) / std`` per channel."""
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -116,13 +111,6 @@ class Dataset:
             x, y, batch_size, shuffle=train, transform=transform, seed=seed, rank=rank, world_size=world_size,
             drop_last=train and x.shape[0] >= batch_size * world_size, device=device,
         )
-
-    def summary(self) -> dict:
-        """JSON-friendly description (what run configs and reports record)."""
-        return {
-            "name": self.name, "num_classes": self.num_classes, "input_shape": list(self.input_shape),
-            "train_size": int(self.x_train.shape[0]), "test_size": int(self.x_test.shape[0]),
-        }
 
 
 def _transform(ds: Dataset, augment: bool, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -16,7 +16,6 @@ run performs (on the same machine and thread count).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -64,16 +63,9 @@ class RunError(ValueError):
 def _create(name: str, num_classes: int, width: float | None, in_channels: int) -> nn.Module:
     from lasnn import models
 
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_channels": in_channels}
     if width is not None:
         kwargs["width"] = width
-    # Pass the input channels only to builders that take them (zoo models default to 1 or 3).
-    try:
-        params = inspect.signature(models.create).parameters
-        if "in_channels" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            kwargs["in_channels"] = in_channels
-    except (TypeError, ValueError):
-        pass
     return models.create(name, **kwargs)
 
 
