@@ -31,6 +31,8 @@ STAGES = {
     "digits_cnn_small": ([16, 32], [1, 2]),
     "mnist1d_cnn": ([32, 64, 128], [1, 2, 4]),
     "mnist1d_cnn_small": ([16, 32, 64], [1, 2, 4]),
+    "fashion_cnn": ([32, 64, 128], [1, 2, 4]),
+    "fashion_cnn_small": ([16, 32, 64], [1, 2, 4]),
 }
 
 
@@ -113,7 +115,7 @@ def test_known_parameter_counts_and_width():
     assert _params("resnet20", num_classes=100) - _params("resnet20") == 90 * (64 + 1)
 
 
-@pytest.mark.parametrize("dataset", ["mnist1d", "digits", "cifar10", "cifar100", "tinyimagenet"])
+@pytest.mark.parametrize("dataset", ["mnist1d", "digits", "fashionmnist", "cifar10", "cifar100", "tinyimagenet"])
 def test_default_pairs(dataset):
     t, s = models.default_pair(dataset)
     assert t in models.list_models() and s in models.list_models()
