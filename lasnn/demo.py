@@ -51,6 +51,13 @@ class DemoRecipe:
     final_attention: bool = True
     sweep_samples: int | None = None
 
+    @property
+    def label(self) -> str:
+        """What the distilled student is called in the table, plot and headline."""
+        if self.schedule == "joint" and self.beta == 0:
+            return "KD student (logits only)"
+        return "LaSNN student"
+
 
 # Measured on this project's 2-core CPU; the README's ablation section shows the search behind each
 # choice and how to rerun it.
@@ -188,7 +195,7 @@ def run_demo(
     for i, s in enumerate(run_seeds):
         base = out if seeds == 1 else out / f"seed{s}"
         folders.append(base)
-        _say(quiet, f"[{2 + 2 * i}/{n_phases}] LaSNN student SNN at T={T} ({rec.schedule}), seed {s}: "
+        _say(quiet, f"[{2 + 2 * i}/{n_phases}] {rec.label} SNN at T={T} ({rec.schedule}), seed {s}: "
                     f"{rec.student_epochs} epochs")
         with phase("student"):
             distill(out=base / "student", teacher=str(out / "teacher"), seed=s, lr=rec.lr, **kd, **common)
@@ -230,7 +237,7 @@ def run_demo(
     student_target = sum(evals["student"]["sweep_acc"]) / seeds
 
     conversions: dict[str, Any] = {}
-    curves = {f"LaSNN student ({names['student']})": {int(t): a for t, a in student["accuracy_by_T"].items()},
+    curves = {f"{rec.label} ({names['student']})": {int(t): a for t, a in student["accuracy_by_T"].items()},
               f"direct training ({names['direct']})": {int(t): a for t, a in direct["accuracy_by_T"].items()}}
     recipes = {"classic": ("max", 0.0), "robust": ("robust", 0.5)}
     for i, (name, (method, membrane)) in enumerate(recipes.items()):
@@ -256,7 +263,8 @@ def run_demo(
         "dataset": dataset,
         "seeds": run_seeds,
         "teacher": {"model": trun.config.model, "accuracy": teacher_acc, "epochs": rec.teacher_epochs},
-        "student": {"model": names["student"], "T": T, "schedule": rec.schedule, **student, **epochs_info},
+        "student": {"model": names["student"], "label": rec.label, "T": T, "schedule": rec.schedule, **student,
+                    **epochs_info},
         "direct": {"model": names["direct"], "T": T, **direct, **epochs_info},
         "gain_over_direct": g_mean,
         "gain": {"mean": g_mean, "std": g_std, "stderr": g_se, "by_seed": gains,
@@ -281,10 +289,10 @@ def run_demo(
     write_json(out / "report.json", report)
     plot_latency(out / "latency.png", curves, teacher_acc=teacher_acc,
                  points={f"student at T={T}": (T, student["accuracy"]), f"direct at T={T}": (T, direct["accuracy"])},
-                 title=f"{dataset}: LaSNN student vs direct training vs conversion ({trun.config.model} teacher)")
+                 title=f"{dataset}: {rec.label} vs direct training vs conversion ({trun.config.model} teacher)")
     if not quiet:
         print()
-        print(format_table({"student": curves[f"LaSNN student ({names['student']})"],
+        print(format_table({"student": curves[f"{rec.label} ({names['student']})"],
                             "direct": curves[f"direct training ({names['direct']})"],
                             "classic": curves["classic conversion"], "robust": curves["robust conversion"]},
                            reference={"teacher": teacher_acc}))
@@ -313,7 +321,8 @@ def _headline(rep: dict[str, Any]) -> str:
     st, di, g = rep["student"], rep["direct"], rep["gain"]
     k = len(rep["seeds"])
     lines = [f"teacher {rep['teacher']['model']}: {100 * rep['teacher']['accuracy']:.2f}%",
-             f"LaSNN student {st['model']} at T={st['T']}: {_pm(st['accuracy'], st['accuracy_std'])} "
+             f"{st.get('label', 'LaSNN student')} {st['model']} at T={st['T']}: "
+             f"{_pm(st['accuracy'], st['accuracy_std'])} "
              f"(firing rate {st['firing_rate']:.3f})",
              f"direct training, same student: {_pm(di['accuracy'], di['accuracy_std'])} "
              f"(firing rate {di['firing_rate']:.3f})"]

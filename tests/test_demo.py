@@ -22,6 +22,7 @@ def test_demo_report_fields_and_consistency(demo_dir):
     assert set(rep["teacher"]) >= {"model", "accuracy"}
     st = rep["student"]
     assert st["T"] == 4 and st["schedule"] == "layerwise" and 0 <= st["firing_rate"] <= 1
+    assert st["label"] == "LaSNN student"
     assert st["accuracy"] == st["accuracy_by_T"]["4"] == st["accuracy_by_seed"][0]
     assert st["accuracy"] > 0.25 + 0.1, "the student did not learn (4 classes)"
     # the direct-training baseline: same student, T, epochs and batch, no teacher
