@@ -12,11 +12,13 @@ Writes ``OUT/report.json`` and ``OUT/latency.png``; the runs go to ``OUT/teacher
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,16 +171,14 @@ def run_demo(
     cpu: dict[str, float] = {}  # CPU seconds (all threads) per phase
     n_phases = 1 + 2 * seeds + 2
 
-    def phase(key: str):
-        class _Timer:
-            def __enter__(self):
-                self.t, self.c = time.perf_counter(), time.process_time()
-
-            def __exit__(self, *exc):
-                timings[key] = timings.get(key, 0.0) + time.perf_counter() - self.t
-                cpu[key] = cpu.get(key, 0.0) + time.process_time() - self.c
-
-        return _Timer()
+    @contextlib.contextmanager
+    def phase(key: str) -> Iterator[None]:
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+            cpu[key] = cpu.get(key, 0.0) + time.process_time() - c
 
     _say(quiet, f"[1/{n_phases}] teacher ANN on {dataset}: {rec.teacher_epochs} epochs")
     with phase("teacher"):
@@ -223,6 +223,8 @@ def run_demo(
         for kind in ("student", "direct"):
             run = load_run(base / kind)
             names[kind] = run.config.student
+            if kind == "student":
+                beta = run.config.beta  # the value the run resolved (None in the recipe: the data set's default)
             model = run.model.to(dev).eval()
             curve = accuracy_vs_timesteps(model, test, T_max=t_curve)
             e = evals[kind]
@@ -273,7 +275,7 @@ def run_demo(
                  "exceeds_2_stderr": (g_mean > 2 * g_se) if g_se is not None else None},
         "recipe": {
             "student": {"optimizer": "sgd", "lr": rec.lr, "momentum": 0.9, "weight_decay": 5e-4, **kd,
-                        "beta": load_run(folders[0] / "student").config.beta, **epochs_info},
+                        "beta": beta, **epochs_info},
             "direct": {"optimizer": "sgd", "lr": rec.direct_lr, "momentum": 0.9, "weight_decay": 5e-4, **epochs_info},
             "schedule_lr": "cosine to 0 per stage",
         },
@@ -346,16 +348,6 @@ def _headline(rep: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ command
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lasnn.data import DatasetError
 
@@ -376,6 +368,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``demo`` to the ``lasnn`` command line."""
+    from lasnn.convert.cli import positive_int as _positive_int
     from lasnn.data import DATASETS
 
     p = subparsers.add_parser(

@@ -39,7 +39,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(s: str) -> int:
+def positive_int(s: str) -> int:
+    """argparse type: an integer >= 1 (shared by the convert, evaluate and demo commands)."""
     try:
         v = int(s)
     except ValueError:
@@ -61,11 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", required=True, help="train-teacher run folder (or its checkpoint)")
     p.add_argument("--method", choices=METHODS, default="robust",
                    help="thresholds: robust (percentile, default), max (classic), qcfs (QCFS fine-tune, clips)")
-    p.add_argument("--T-max", dest="T_max", type=_positive_int, default=256, help="longest latency (default 256)")
+    p.add_argument("--T-max", dest="T_max", type=positive_int, default=256, help="longest latency (default 256)")
     p.add_argument("--percentile", type=float, default=99.9, help="robust: percentile of activations (default 99.9)")
     p.add_argument("--initial-membrane", dest="initial_membrane", type=float, default=0.5,
                    help="initial membrane as a fraction of the threshold (default 0.5; 0 = classic)")
-    p.add_argument("--levels", type=_positive_int, default=4, help="qcfs: quantisation levels L (default 4)")
+    p.add_argument("--levels", type=positive_int, default=4, help="qcfs: quantisation levels L (default 4)")
     p.add_argument("--qcfs-epochs", dest="qcfs_epochs", type=int, default=5,
                    help="qcfs: fine-tuning epochs of a ReLU teacher (default 5)")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="data folder (default: the run's)")
@@ -80,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "from one simulation. Writes accuracy_vs_T.json (and .png) to --out (default: the run folder).",
     )
     p.add_argument("--run", required=True, help="run folder (or checkpoint)")
-    p.add_argument("--T-max", dest="T_max", type=_positive_int, default=None,
+    p.add_argument("--T-max", dest="T_max", type=positive_int, default=None,
                    help="longest latency (default: 4x the run's T)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder)")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="data folder (default: the run's)")
