@@ -32,8 +32,9 @@ __all__ = ["DEMO_RECIPES", "DemoRecipe", "register", "run_demo"]
 class DemoRecipe:
     """A data set's demo budget and the recipes of its two students.
 
-    ``student_epochs``, ``batch_size``: shared by the LaSNN student and the direct baseline. ``lr``: the
-    LaSNN student's SGD learning rate; ``direct_lr``: the baseline's, tuned by the same search (the best
+    ``student_epochs``, ``batch_size``, ``optimizer``: shared by the LaSNN student and the direct baseline
+    (``sgd``: momentum 0.9, weight decay 5e-4; ``adamw``: weight decay 5e-4). ``lr``: the LaSNN student's
+    learning rate; ``direct_lr``: the baseline's, tuned by the same search (the best
     rate of one is not the best of the other). ``schedule``, ``stage_epochs``, ``kd_weight``,
     ``kd_temperature``, ``beta`` (None: the data set's default), ``final_attention``: the distillation.
     ``sweep_samples``: the conversion sweeps (and the student accuracy they are matched against) use the
@@ -43,6 +44,7 @@ class DemoRecipe:
     teacher_epochs: int
     student_epochs: int
     batch_size: int
+    optimizer: str = "sgd"
     lr: float = 0.1
     direct_lr: float = 0.1
     schedule: str = "layerwise"
@@ -191,7 +193,7 @@ def run_demo(
     if rec.beta is not None:
         kd["beta"] = rec.beta
     common = {"dataset": dataset, "data_dir": data_dir, "T": T, "epochs": rec.student_epochs,
-              "batch_size": rec.batch_size, "device": device, "quiet": True}
+              "batch_size": rec.batch_size, "optimizer": rec.optimizer, "device": device, "quiet": True}
     run_seeds = list(range(seed, seed + seeds))
     folders = []
     for i, s in enumerate(run_seeds):
@@ -263,6 +265,9 @@ def run_demo(
     # CPU time of this process (all threads): on a shared machine wall time mostly measures the neighbours
     cpu_seconds = time.process_time() - c0
     epochs_info = {"epochs": rec.student_epochs, "batch_size": rec.batch_size}
+    opt: dict[str, Any] = {"optimizer": rec.optimizer, "weight_decay": 5e-4}
+    if rec.optimizer == "sgd":
+        opt["momentum"] = 0.9
     report = {
         "dataset": dataset,
         "seeds": run_seeds,
@@ -274,9 +279,8 @@ def run_demo(
         "gain": {"mean": g_mean, "std": g_std, "stderr": g_se, "by_seed": gains,
                  "exceeds_2_stderr": (g_mean > 2 * g_se) if g_se is not None else None},
         "recipe": {
-            "student": {"optimizer": "sgd", "lr": rec.lr, "momentum": 0.9, "weight_decay": 5e-4, **kd,
-                        "beta": beta, **epochs_info},
-            "direct": {"optimizer": "sgd", "lr": rec.direct_lr, "momentum": 0.9, "weight_decay": 5e-4, **epochs_info},
+            "student": {**opt, "lr": rec.lr, **kd, "beta": beta, **epochs_info},
+            "direct": {**opt, "lr": rec.direct_lr, **epochs_info},
             "schedule_lr": "cosine to 0 per stage",
         },
         "conversion": conversions,

@@ -188,6 +188,10 @@ def test_one_pass_curve_equals_separate_runs():
     snn = lasnn.convert(net, [x[:32]], method="robust")
     loader = [(x[:40], y[:40]), (x[40:], y[40:])]
     curve = lasnn.accuracy_vs_timesteps(snn, loader, T_max=40, chunk=7)  # chunks do not divide T
+    # the automatic chunk (CPU: chunk x batch <= 1024 samples, here 25 steps of 40, then 32 of 24) and one
+    # chunk per step give the same curve
+    assert lasnn.accuracy_vs_timesteps(snn, loader, T_max=40) == curve
+    assert lasnn.accuracy_vs_timesteps(snn, loader, T_max=40, chunk=1) == curve
     with torch.no_grad():
         for T in (1, 3, 7, 8, 25, 40):
             snn.T = T
@@ -292,9 +296,30 @@ def test_bad_inputs_give_clear_errors(trained, digits):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="T_max"):
             lasnn.accuracy_vs_timesteps(snn, digits.loader("test", 512), T_max=bad)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="chunk must be None or an int"):
+            lasnn.accuracy_vs_timesteps(snn, digits.loader("test", 512), T_max=4, chunk=bad)
     with pytest.raises(ValueError, match=r"no .*batches"):
         lasnn.accuracy_vs_timesteps(snn, [], T_max=4)
     with pytest.raises(TypeError, match="cannot stream"):
         lasnn.accuracy_vs_timesteps(ann, digits.loader("test", 512), T_max=4)
     with pytest.raises(ValueError, match="levels"):
         QCFS(levels=0)
+
+
+def test_if_neuron_counts_spikes_exactly_and_scales_in_place_only_without_grad():
+    torch.manual_seed(0)
+    n = IFNeuron([0.3], 0.5)
+    x = torch.rand(3, 2, 5) * 0.6
+    with torch.no_grad():
+        out = n(x)
+    s, _ = lasnn.lif(x, torch.full_like(x[0], 0.15), tau=math.inf, v_threshold=0.3, v_reset=None, return_v=True)
+    assert torch.equal(out, s * 0.3)
+    assert float(n.spikes) == float(s.sum()) and n.neuron_steps == s.numel()
+    # with a gradient to carry, the output is a new tensor and the gradient reaches the input
+    xg = x.clone().requires_grad_(True)
+    n._call = 0
+    out = n(xg)
+    assert out.requires_grad and torch.equal(out.detach(), s * 0.3)
+    out.sum().backward()
+    assert xg.grad is not None

@@ -190,8 +190,10 @@ def test_train_snn_trains_the_student_directly(tmp_path):
 
 
 def test_train_snn_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
+    # AdamW here (the distill kill test covers SGD): its moment buffers and step count resume exactly too
     args = ["train-snn", "--dataset", "synthetic", "--width", "0.5", "--batch-size", "64", "--epochs", "2",
-            "--T", "2", "--encoding", "poisson", "--save-every", "2", "--seed", "3", "--quiet"]
+            "--T", "2", "--encoding", "poisson", "--save-every", "2", "--seed", "3", "--quiet",
+            "--optimizer", "adamw", "--lr", "0.003"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert _cli(*args, "--out", str(full)).returncode == 0
     # 4 steps per epoch: killed 1 step after the mid-epoch checkpoint at step 2 of epoch 2
@@ -199,6 +201,7 @@ def test_train_snn_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
     ck = load_checkpoint(killed / "last.pt")
     assert (ck["epoch"], ck["step"]) == (1, 2)
+    assert all("exp_avg_sq" in st for st in ck["optimizer_state"]["state"].values())  # really AdamW
     r = _cli("train-snn", "--out", str(killed), "--resume", "--quiet")
     assert r.returncode == 0, r.stderr
     strip = lambda recs: [{k: v for k, v in rec.items() if k != "seconds"} for rec in recs]  # noqa: E731
@@ -298,7 +301,8 @@ def test_config_validation_and_round_trip():
         config_from_dict({**cfg.to_dict(), "bogus": 1})
     direct = SNNConfig(T=3, student="digits_cnn_small")
     assert config_from_dict(json.loads(json.dumps(direct.to_dict()))) == direct and direct.method == "direct"
-    for bad, msg in [({"T": 0}, "T must be"), ({"encoding": "rate"}, "encoding"), ({"lr": 0.0}, "lr")]:
+    for bad, msg in [({"T": 0}, "T must be"), ({"encoding": "rate"}, "encoding"), ({"lr": 0.0}, "lr"),
+                     ({"optimizer": "adam"}, "optimizer must be one of")]:
         with pytest.raises(ValueError, match=msg):
             SNNConfig(**bad).validate()
     with pytest.raises(TypeError, match="unknown SNNConfig field"):

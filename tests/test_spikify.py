@@ -649,3 +649,20 @@ def test_features_errors_and_tap():
     assert y.shape == (2, 10) and list(tap.features) == ["layer2"]
     assert tap.features["layer2"].shape == (2, 2, 8, 16, 16)
     assert not snn.body.layer2._forward_hooks  # hooks removed on exit
+
+
+def test_count_spikes_is_exact_beyond_float32_integers():
+    from lasnn.nn import count_spikes
+
+    # 2^24 + 3 ones: a float32 sum of the whole tensor would stop counting at 2^24
+    big = torch.ones(4, (1 << 22) + 1)
+    big[0, :1] = 0.0
+    got = count_spikes(big)
+    assert got.dtype == torch.float64 and got.dim() == 0 and int(got) == 4 * ((1 << 22) + 1) - 1
+    small = (torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.6).to(torch.bfloat16)
+    assert int(count_spikes(small)) == int((small != 0).sum())
+    assert int(count_spikes(torch.ones(1 << 24 | 1))) == (1 << 24) + 1  # one row only: float64 path
+    with pytest.raises(TypeError, match="spikes must be a floating-point tensor"):
+        count_spikes(torch.ones(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="spikes must be a floating-point tensor"):
+        count_spikes([1.0, 0.0])

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lasnn.convert.fold import fold_batchnorm
+from lasnn.nn.neurons import count_spikes
 from lasnn.nn.qcfs import QCFS
 from lasnn.nn.spikify import SNN, FoldedNeuron, spikify
 from lasnn.ops._common import check_float
@@ -270,9 +271,10 @@ class IFNeuron(nn.Module):
         if v_init is None:
             v_init = torch.full_like(x_seq[0], self.initial_membrane * theta)
         s, v = lif(x_seq, v_init, tau=math.inf, v_threshold=theta, v_reset=None, return_v=True)
-        self.spikes = self.spikes + s.detach().sum(dtype=torch.float64)
+        self.spikes = self.spikes + count_spikes(s)
         self.neuron_steps += s.numel()
-        return s * theta, v
+        # Inference (nothing to differentiate): scale the fresh spike tensor in place, no second tensor.
+        return (s * theta if s.requires_grad else s.mul_(theta)), v
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """x_seq: ``[T, *]`` input current -> ``[T, *]`` outputs ``θ·S``, from the initial membrane."""

@@ -56,12 +56,13 @@ def snn_firing_rate(snn: nn.Module, loader, device: torch.device | str = "cpu", 
 
     Counts the binary outputs of every spiking site (``FoldedNeuron``) over up to ``max_batches`` batches.
     """
+    from lasnn.nn.neurons import count_spikes
     from lasnn.nn.spikify import FoldedNeuron
 
-    sums = [0.0, 0]
+    sums: list = [0.0, 0]
 
     def hook(module, args, out):
-        sums[0] += float(out.detach().double().sum())
+        sums[0] = sums[0] + count_spikes(out)  # a tensor: one host sync at the end, not one per site
         sums[1] += out.numel()
 
     handles = [m.register_forward_hook(hook) for m in snn.modules() if isinstance(m, FoldedNeuron)]
@@ -76,7 +77,7 @@ def snn_firing_rate(snn: nn.Module, loader, device: torch.device | str = "cpu", 
     finally:
         for h in handles:
             h.remove()
-    return sums[0] / sums[1] if sums[1] else float("nan")
+    return float(sums[0]) / sums[1] if sums[1] else float("nan")
 
 
 def to_qcfs(ann: nn.Module, clips: dict[str, list[float]], levels: int) -> nn.Module:

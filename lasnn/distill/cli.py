@@ -24,8 +24,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, last.pt, best.pt, curves.png")
     p.add_argument("--epochs", type=int, default=_S, help="epochs in total (default 30)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=_S, help="batch per process (default 128)")
-    p.add_argument("--lr", type=float, default=_S, help="initial SGD learning rate, cosine to 0 (default 0.1)")
-    p.add_argument("--momentum", type=float, default=_S, help="SGD momentum (default 0.9)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=_S,
+                   help="sgd (momentum, L2 weight decay; default) or adamw (decoupled weight decay)")
+    p.add_argument("--lr", type=float, default=_S, help="initial learning rate, cosine to 0 (default 0.1)")
+    p.add_argument("--momentum", type=float, default=_S, help="SGD momentum (default 0.9; unused by adamw)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=_S, help="weight decay (default 5e-4)")
     p.add_argument("--width", type=float, default=_S, help="channel width multiplier of the model (default 1)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=_S,

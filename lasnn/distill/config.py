@@ -13,6 +13,7 @@ SCHEDULES = ("layerwise", "joint")
 ENCODINGS = ("direct", "poisson")
 EARLIER = ("freeze", "lr")
 TIME_REDUCE = ("mean", "per_step")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 def _check_int(name: str, v: object, lo: int) -> None:
@@ -30,8 +31,10 @@ def _check_pos(name: str, v: object, *, allow_zero: bool = False) -> None:
 class TeacherConfig:
     """Everything that defines a teacher (ANN) run; ``RUN_DIR/config.json`` holds exactly these fields.
 
-    ``model=None`` picks the data set's default teacher (``lasnn.models.default_pair``). ``lr`` is the
-    SGD learning rate at the start of the cosine schedule (per-step cosine to 0 over the run).
+    ``model=None`` picks the data set's default teacher (``lasnn.models.default_pair``). ``optimizer``:
+    ``sgd`` (with ``momentum``, coupled L2 ``weight_decay``) or ``adamw`` (betas 0.9/0.999, decoupled
+    ``weight_decay``; ``momentum`` unused). ``lr`` is the learning rate at the start of the cosine
+    schedule (per-step cosine to 0 over the run, or over each stage).
     ``save_every``: also checkpoint every that many steps inside an epoch (0: at epoch ends only).
     ``grad_clip``: clip the global gradient norm to this value (0: off).
     """
@@ -42,6 +45,7 @@ class TeacherConfig:
     width: float | None = None
     epochs: int = 30
     batch_size: int = 128
+    optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -61,6 +65,8 @@ class TeacherConfig:
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
         _check_int("save_every", self.save_every, 0)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _check_pos("lr", self.lr)
         _check_pos("momentum", self.momentum, allow_zero=True)
         _check_pos("weight_decay", self.weight_decay, allow_zero=True)

@@ -1,13 +1,13 @@
 """The training engine behind ``train_teacher``, ``train_snn`` and ``distill`` (see ``lasnn.distill`` for the API).
 
 One loop serves all three: a plan of stages (one for a teacher, a directly trained SNN or a joint
-distillation; one per layer pair plus a final stage for the layer-wise schedule), SGD with momentum
+distillation; one per layer pair plus a final stage for the layer-wise schedule), SGD with momentum or AdamW
 and a per-step cosine learning rate inside each stage, checkpoints that hold everything an exact
 resume needs, DDP under torchrun.
 
 Exact resume: the data order and augmentation of every batch are functions of (seed, epoch, step)
 (``lasnn.data.TensorLoader``); the learning rate is a function of the step; the checkpoint holds the
-model, the optimizer (momentum buffers), every RNG state of every rank (torch, CUDA, numpy, python and
+model, the optimizer (momentum or moment buffers), every RNG state of every rank (torch, CUDA, numpy, python and
 the private generators of seeded encoders), the epoch, the step inside it and the running sums of the
 epoch's metrics. Resuming from a checkpoint therefore replays exactly the computation an uninterrupted
 run performs (on the same machine and thread count).
@@ -379,8 +379,11 @@ class _Trainer:
         self.param_groups = [
             {"params": [named[n] for n in names], "lr": cfg.lr * s, "scale": s} for names, s in groups if names
         ]
-        self.optimizer = torch.optim.SGD(self.param_groups, lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, nesterov=False)
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(self.param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self.param_groups, lr=cfg.lr, momentum=cfg.momentum,
+                                             weight_decay=cfg.weight_decay, nesterov=False)
         if self.opt_state is not None and self.opt_stage == idx:
             self.optimizer.load_state_dict(self.opt_state)
         self.opt_state, self.opt_stage = None, idx
@@ -455,10 +458,11 @@ class _Trainer:
         spikes = [0.0, 0.0]
         hooks = []
         if self.is_student:
+            from lasnn.nn.neurons import count_spikes
             from lasnn.nn.spikify import FoldedNeuron
 
             def count(_m, _i, out):
-                spikes[0] += float(out.float().sum())
+                spikes[0] = spikes[0] + count_spikes(out)  # a tensor: no host sync per site and batch
                 spikes[1] += out.numel()
 
             hooks = [m.register_forward_hook(count) for m in self.model.modules() if isinstance(m, FoldedNeuron)]
@@ -473,6 +477,7 @@ class _Trainer:
         finally:
             for h in hooks:
                 h.remove()
+        spikes[0] = float(spikes[0])
         loss_sum, correct, n, s0, s1 = self.env.all_reduce_sum([loss_sum, correct, n, *spikes])
         out = {"test_loss": loss_sum / max(n, 1), "test_acc": correct / max(n, 1), "test_samples": int(n)}
         if self.is_student:
