@@ -66,3 +66,22 @@ def test_commands_keep_cpu_memory_only_for_cpu_runs():
     assert _runs_on_cpu(p.parse_args(["distill", "--out", "x", "--device", "cpu"]))
     auto = p.parse_args(["train-teacher", "--out", "x"])  # --device auto: the CPU unless a GPU is visible
     assert _runs_on_cpu(auto) == (not torch.cuda.is_available())
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_second():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
+    assert commands == ["make demo", "make test"]
+    ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    assert "make test" in ci
+    makefile = (root / "Makefile").read_text()
+    # the targets exist, and the test target runs the README's test commands
+    test_recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "pytest" in test_recipe and "TRITON_INTERPRET=1" in test_recipe and "ruff check" in test_recipe
+    assert "\ndemo:" in makefile and "lasnn demo" in makefile

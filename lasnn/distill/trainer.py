@@ -413,21 +413,25 @@ class _Trainer:
         return self.cfg.lr * f
 
     # -- losses of one batch
-    def _losses(self, x: torch.Tensor, y: torch.Tensor, stage: Stage) -> tuple[torch.Tensor, dict[str, float], int]:
+    # Per-batch metrics stay tensors (detached): the loop sums them on the device and reads them once per
+    # epoch, so a step costs no host sync beyond what the optimizer itself needs.
+    def _losses(
+        self, x: torch.Tensor, y: torch.Tensor, stage: Stage
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         cfg = self.cfg
         with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             if not self.has_teacher:
                 # teacher CE, or direct SNN training: CE on the T-averaged logits, BPTT through the steps
                 logits = self.net(x)
                 loss = F.cross_entropy(logits.float(), y)
-                return loss, {"ce": loss.item()}, int((logits.argmax(1) == y).sum())
+                return loss, {"ce": loss.detach()}, (logits.argmax(1) == y).sum()
             from lasnn import attention_loss, kd_loss
 
             with torch.no_grad():
                 t_logits, t_feats = self.teacher_tap(x)
             logits, s_feats = self.net(x)
         logits, t_logits = logits.float(), t_logits.float()
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
 
         def att(k: int) -> torch.Tensor:
             # No casts here: the fused op computes in fp32 from bf16 features without a full-size copy.
@@ -436,20 +440,20 @@ class _Trainer:
         # Only the attention terms the loss uses are computed (a pair stage: its own; beta=0: none).
         if stage.pair is not None:
             loss = cfg.beta * att(stage.pair)
-            parts["attn"] = loss.item()
+            parts["attn"] = loss.detach()
         else:
             ce = F.cross_entropy(logits, y)
             kd = kd_loss(logits, t_logits, temperature=cfg.kd_temperature)
             loss = ce + cfg.kd_weight * kd
-            parts["ce"], parts["kd"] = ce.item(), kd.item()
+            parts["ce"], parts["kd"] = ce.detach(), kd.detach()
             if cfg.schedule == "joint" or cfg.final_attention:
                 if cfg.beta > 0:
                     a = cfg.beta * torch.stack([att(k) for k in range(len(self.pairs))]).sum()
                     loss = loss + a
-                    parts["attn"] = a.item()
+                    parts["attn"] = a.detach()
                 else:
-                    parts["attn"] = 0.0
-        return loss, parts, int((logits.argmax(1) == y).sum())
+                    parts["attn"] = torch.zeros((), device=loss.device)
+        return loss, parts, (logits.argmax(1) == y).sum()
 
     # -- evaluation over this rank's shard of the test set, totals all-reduced
     @torch.no_grad()
@@ -471,13 +475,13 @@ class _Trainer:
             for x, y in self.test_loader:
                 with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     logits = self.model(x).float()
-                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-                correct += float((logits.argmax(1) == y).sum())
+                loss_sum = loss_sum + F.cross_entropy(logits, y, reduction="sum").double()
+                correct = correct + (logits.argmax(1) == y).sum().double()
                 n += y.numel()
         finally:
             for h in hooks:
                 h.remove()
-        spikes[0] = float(spikes[0])
+        spikes[0], loss_sum, correct = float(spikes[0]), float(loss_sum), float(correct)  # one read per evaluation
         loss_sum, correct, n, s0, s1 = self.env.all_reduce_sum([loss_sum, correct, n, *spikes])
         out = {"test_loss": loss_sum / max(n, 1), "test_acc": correct / max(n, 1), "test_samples": int(n)}
         if self.is_student:
@@ -486,7 +490,8 @@ class _Trainer:
 
     # -- checkpoints
     def _save(self, epoch: int, step: int) -> None:
-        mine = {"accum": dict(self.accum), "rng": rng_state(), "generators": module_generator_states(self.model)}
+        mine = {"accum": {k: float(v) for k, v in self.accum.items()}, "rng": rng_state(),
+                "generators": module_generator_states(self.model)}
         ranks = self.env.gather_objects(mine)
         if not self.env.is_main:
             return
@@ -540,13 +545,15 @@ class _Trainer:
                 b = y.numel()
                 a = self.accum
                 a["n"] += b
-                a["correct"] += correct
-                a["loss"] += loss.item() * b
+                # float64 sums of the float32 values times the batch size: the same arithmetic as Python
+                # floats, so a resumed epoch (whose sums come back as floats) adds up identically
+                a["correct"] = a["correct"] + correct.double()
+                a["loss"] = a["loss"] + loss.detach().double() * b
                 for k, v in parts.items():
-                    a[k] = a.get(k, 0.0) + v * b
+                    a[k] = a.get(k, 0.0) + v.double() * b
                 bar.update(1)
-                if show_bar:
-                    bar.set_postfix(loss=f"{a['loss'] / a['n']:.4f}", acc=f"{a['correct'] / a['n']:.3f}")
+                if show_bar:  # an interactive progress bar reads the sums (a host sync) each step
+                    bar.set_postfix(loss=f"{float(a['loss']) / a['n']:.4f}", acc=f"{float(a['correct']) / a['n']:.3f}")
                 steps_this_process += 1
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < self.steps_per_epoch:
                     self._save(epoch, step + 1)
@@ -563,7 +570,7 @@ class _Trainer:
 
     def _end_epoch(self, epoch: int, stage: Stage, lr: float, seconds: float) -> None:
         keys = sorted(self.accum)
-        totals = dict(zip(keys, self.env.all_reduce_sum([self.accum[k] for k in keys]), strict=True))
+        totals = dict(zip(keys, self.env.all_reduce_sum([float(self.accum[k]) for k in keys]), strict=True))
         n = max(totals.pop("n"), 1)
         rec: dict[str, Any] = {"epoch": epoch + 1, "stage": stage.name, "lr": lr,
                                "train_loss": totals.pop("loss") / n, "train_acc": totals.pop("correct") / n,
@@ -607,7 +614,7 @@ class _Trainer:
         return res
 
 
-def _zero_accum() -> dict[str, float]:
+def _zero_accum() -> dict[str, Any]:  # floats, or float64 tensors once a step has added to them
     return {"n": 0.0, "correct": 0.0, "loss": 0.0}
 
 
