@@ -39,6 +39,18 @@ def _find_cuda_home() -> str | None:
     return None
 
 
+def _write_build_info(arch_list: str | None) -> None:
+    # What the CUDA kernels are compiled for, so that lasnn.backends can refuse a GPU they do not cover
+    # with a reason instead of failing at launch. None: no CUDA kernels, or torch picks the visible GPUs'
+    # architectures itself (then nothing is checked). Rewritten by every build, so never stale.
+    text = (
+        '"""Written by setup.py at build time; not in git."""\n\n'
+        f"CUDA_ARCH_LIST: str | None = {arch_list!r}\n"
+    )
+    with open(os.path.join(ROOT, "lasnn", "_build_info.py"), "w") as f:
+        f.write(text)
+
+
 def _extensions():
     if _flag("LASNN_SKIP_EXT"):
         return [], {}
@@ -83,6 +95,7 @@ def _extensions():
             py_limited_api=True,
             **libs_args,
         )
+    _write_build_info(os.environ.get("TORCH_CUDA_ARCH_LIST") if want_cuda else None)
     print(f"lasnn: building lasnn._C with CUDA kernels: {want_cuda} (CUDA_HOME={cuda_home})", file=sys.stderr)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from . import device_ctx
+
 try:
     import triton
     import triton.language as tl
@@ -139,10 +141,11 @@ def attention_map_fwd_triton(feat: torch.Tensor, p: float, time_mean: bool) -> t
     rows, tt = (B, T) if time_mean else (T * B, 1)
     blk = _block(S)
     grid = (rows, triton.cdiv(S, blk))
-    _attention_map_fwd_kernel[grid](
-        feat, out, C, S, tt, B * C * S, float(p), 1.0 / C if C else float("inf"), 1.0 / tt,
-        POW=_pow_kind(p), BLOCK=blk,
-    )
+    with device_ctx(feat):
+        _attention_map_fwd_kernel[grid](
+            feat, out, C, S, tt, B * C * S, float(p), 1.0 / C if C else float("inf"), 1.0 / tt,
+            POW=_pow_kind(p), BLOCK=blk,
+        )
     return out
 
 
@@ -165,7 +168,8 @@ def attention_map_bwd_triton(grad_map: torch.Tensor, feat: torch.Tensor, p: floa
     rows, tt = (B, T) if time_mean else (T * B, 1)
     blk = _block(S)
     grid = (rows, triton.cdiv(S, blk))
-    _attention_map_bwd_kernel[grid](
-        g, feat, grad_feat, C, S, tt, B * C * S, float(p), 1.0 / (C * tt), POW=_pow_kind(p), BLOCK=blk,
-    )
+    with device_ctx(feat):
+        _attention_map_bwd_kernel[grid](
+            g, feat, grad_feat, C, S, tt, B * C * S, float(p), 1.0 / (C * tt), POW=_pow_kind(p), BLOCK=blk,
+        )
     return grad_feat.expand(feat.shape) if time_mean else grad_feat

@@ -35,11 +35,12 @@ int64 base, or t * N is formed in int64), so they never overflow 32 bits.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import torch
+
+from . import device_ctx
 
 try:
     import triton
@@ -319,11 +320,6 @@ def _require_triton(op: str) -> None:
         raise RuntimeError(f"{op}: triton is not importable")
 
 
-def _device_ctx(x: torch.Tensor):
-    # Triton launches on the current device; make it x's.
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _params(tau: float, v_reset: float, soft_reset: bool, decay_input: bool) -> tuple[float, float, bool]:
     """(1/tau, V_r as used by the kernels, decay_input) exactly as csrc/cpu/lif.cpp derives them."""
     inf = math.isinf(tau)
@@ -366,7 +362,7 @@ def lif_fwd_triton(
     v_last = torch.empty(N, dtype=x.dtype, device=x.device)
     inv_tau, v_r, decay = _params(float(tau), float(v_reset), bool(soft_reset), bool(decay_input))
     grid = (triton.cdiv(N, _BLOCK),)
-    with _device_ctx(x):
+    with device_ctx(x):
         _lif_fwd_kernel[grid](
             x,
             v_init if v_init is not None else x,
@@ -454,7 +450,7 @@ def lif_bwd_triton(
         # H in registers: TC x (BLOCK / threads) fp32 per thread, kept at 32 by shrinking BLOCK as TC grows.
         tc = triton.next_power_of_2(T)
         block = max(128, min(_BLOCK, 4096 // tc))
-        with _device_ctx(x):
+        with device_ctx(x):
             _lif_bwd_regs_kernel[(triton.cdiv(N, block),)](
                 gs,
                 grad_v_last if grad_v_last is not None else x,
@@ -476,7 +472,7 @@ def lif_bwd_triton(
         return grad_x, grad_v
     hbuf = grad_x if x.dtype == torch.float32 else torch.empty((T, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, _BLOCK),)
-    with _device_ctx(x):
+    with device_ctx(x):
         _lif_bwd_kernel[grid](
             gs,
             grad_v_last if grad_v_last is not None else x,

@@ -20,6 +20,18 @@ except Exception as e:  # ImportError, or an undefined-symbol OSError from an AB
 HAS_C = C_ERROR is None
 
 
+def _built_cuda_arch_list() -> str | None:
+    try:
+        from lasnn._build_info import CUDA_ARCH_LIST
+    except ImportError:  # built before the file existed, or not built by setup.py
+        return None
+    return CUDA_ARCH_LIST
+
+
+#: the TORCH_CUDA_ARCH_LIST the CUDA kernels were compiled for (None: unknown, or no CUDA kernels)
+CUDA_ARCH_LIST: str | None = _built_cuda_arch_list()
+
+
 def c_has_kernel(name: str, key: str = "CPU") -> bool:
     """Whether ``lasnn._C`` registered a kernel of ``lasnn::<name>`` for dispatch key ``key``."""
     if not HAS_C:

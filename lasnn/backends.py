@@ -8,6 +8,7 @@ raises a ``RuntimeError`` listing why each backend was rejected.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -60,6 +61,8 @@ def unavailable_reason(op: str, backend: str, device: torch.device | None, dtype
             return f"the cuda backend runs on CUDA tensors, got a {dev} tensor"
         if dtype is not None and dtype not in _CUDA_DTYPES:
             return f"the cuda backend supports {_names(_CUDA_DTYPES)}, got {dtype}"
+        if dev == "cuda":
+            return _arch_not_covered(device)
         return None
     # triton
     if not _ext.HAS_TRITON:
@@ -82,6 +85,39 @@ def unavailable_reason(op: str, backend: str, device: torch.device | None, dtype
     return None
 
 
+def arch_covers(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether kernels compiled for ``arch_list`` run on a GPU of compute ``capability`` ``(major, minor)``.
+
+    ``arch_list`` is a ``TORCH_CUDA_ARCH_LIST`` value (``"8.0 9.0+PTX"``, ``;`` or space separated). A
+    binary for X.Y runs on X.Y' with Y' >= Y (same major); ``+PTX`` code is compiled by the driver for any
+    GPU of at least X.Y.
+    """
+    major, minor = capability
+    for entry in arch_list.replace(";", " ").split():
+        ptx = entry.endswith("+PTX")
+        num = entry[: -len("+PTX")] if ptx else entry
+        try:
+            a_major, a_minor = (int(v) for v in num.split(".")[:2])
+        except ValueError:
+            continue  # a named arch ("Hopper") or a typo: say nothing rather than guess
+        if (a_major == major and a_minor <= minor) or (ptx and (a_major, a_minor) <= (major, minor)):
+            return True
+    return False
+
+
+def _arch_not_covered(device: torch.device | None) -> str | None:
+    built = _ext.CUDA_ARCH_LIST
+    if not built:  # unknown (an older build): let the kernel launch tell
+        return None
+    idx = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    cap = torch.cuda.get_device_capability(idx)
+    if arch_covers(built, cap):
+        return None
+    return (f"lasnn._C's CUDA kernels were built for TORCH_CUDA_ARCH_LIST={built!r}, which does not cover this GPU "
+            f"(compute capability {cap[0]}.{cap[1]}); rebuild with TORCH_CUDA_ARCH_LIST=\"{cap[0]}.{cap[1]}\" "
+            "pip install --no-build-isolation -e .")
+
+
 def _names(dtypes: tuple[torch.dtype, ...]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
@@ -99,8 +135,16 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
 
     ``backend`` None or ``"auto"`` consults ``LASNN_BACKEND`` and then picks the fastest available.
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` (listing the reasons) when the
-    requested backend cannot run.
+    requested backend cannot run. Answers are cached per (op, request, LASNN_BACKEND, TRITON_INTERPRET,
+    device, dtype): what the process can run does not change while it runs.
     """
+    return _resolve(op, backend, os.environ.get("LASNN_BACKEND"), _ext.triton_interpret(), device, dtype)
+
+
+@functools.lru_cache(maxsize=512)
+def _resolve(op: str, backend: str | None, _env: str | None, _interp: bool, device: torch.device,
+             dtype: torch.dtype) -> str:
+    # _env and _interp are part of the cache key only (the checks below read them themselves)
     if backend is None or backend == "auto":
         backend = os.environ.get("LASNN_BACKEND", "auto").strip() or "auto"
         source = "LASNN_BACKEND"

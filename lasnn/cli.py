@@ -26,7 +26,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}")
     print(f"extension lasnn._C: {'loaded' if _ext.HAS_C else _ext.C_ERROR}")
     if _ext.HAS_C:
-        print(f"  CUDA kernels compiled in: {_ext.c_has_cuda_kernels()}")
+        arch = f" (for TORCH_CUDA_ARCH_LIST={_ext.CUDA_ARCH_LIST})" if _ext.CUDA_ARCH_LIST else ""
+        print(f"  CUDA kernels compiled in: {_ext.c_has_cuda_kernels()}{arch}")
         print(f"  CPU LIF kernels (fp32, bf16): {_ext.cpu_lif_isa()} build (LASNN_CPU_ISA caps it; fp16/fp64: base)")
     print(f"triton: {'importable' if _ext.HAS_TRITON else _ext.TRITON_ERROR}"
           f"{' (TRITON_INTERPRET=1: runs on CPU tensors)' if _ext.triton_interpret() else ''}")

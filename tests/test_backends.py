@@ -122,3 +122,77 @@ def test_unavailable_reason_rejects_unknown_names():
         backends.unavailable_reason("conv", "cpu", None, None)
     with pytest.raises(ValueError, match="backend"):
         backends.unavailable_reason("lif", "opencl", None, None)
+
+
+# The op schemas as they are today. Ops may grow (new arguments at the end, each with a default), never
+# change: a renamed, retyped, reordered or removed argument breaks every caller and saved graph.
+PINNED_SCHEMAS = {
+    "lif_fwd": "lasnn::lif_fwd(Tensor x, Tensor? v_init, float tau, float v_threshold, float v_reset, "
+               "bool soft_reset, bool decay_input) -> (Tensor, Tensor)",
+    "lif_bwd": "lasnn::lif_bwd(Tensor grad_spikes, Tensor? grad_v_last, Tensor x, Tensor? v_init, float tau, "
+               "float v_threshold, float v_reset, bool soft_reset, bool decay_input, bool detach_reset, "
+               "int surrogate, float alpha) -> (Tensor, Tensor)",
+    "attention_map_fwd": "lasnn::attention_map_fwd(Tensor feat, float p, bool time_mean) -> Tensor",
+    "attention_map_bwd": "lasnn::attention_map_bwd(Tensor grad_map, Tensor feat, float p, bool time_mean) -> Tensor",
+}
+
+
+def _args(schema) -> list[tuple[str, str]]:
+    return [(a.name, str(a.type)) for a in schema.arguments]
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_SCHEMAS))
+def test_schemas_only_grow_and_the_triton_twins_match_the_cpp_ops(name):
+    from lasnn import _ext
+
+    pinned = torch._C.parse_schema(PINNED_SCHEMAS[name])
+    twin = torch.ops.lasnn.__getattr__(f"{name}_triton").default._schema  # defined in Python (lasnn/ops)
+    schemas = {"triton twin": twin}
+    if _ext.c_has_op(name):  # the C++ schema of csrc/ops.cpp, when the extension is built
+        schemas["C++"] = torch.ops.lasnn.__getattr__(name).default._schema
+    for what, schema in schemas.items():
+        args = _args(schema)
+        assert args[: len(pinned.arguments)] == _args(pinned), (what, str(schema))
+        assert all(a.default_value is not None for a in schema.arguments[len(pinned.arguments):]), (what, str(schema))
+        assert [str(r.type) for r in schema.returns] == [str(r.type) for r in pinned.returns], (what, str(schema))
+    if "C++" in schemas:  # the twin is the same op on another backend: identical arguments and returns
+        cpp = schemas["C++"]
+        assert _args(twin) == _args(cpp) and [str(r.type) for r in twin.returns] == [str(r.type) for r in cpp.returns]
+
+
+def test_arch_covers_follows_cuda_binary_and_ptx_compatibility():
+    cases = {
+        ("9.0+PTX", (9, 0)): True,   # our default build on an H100/H200
+        ("9.0+PTX", (10, 0)): True,  # PTX is compiled by the driver for newer GPUs
+        ("9.0+PTX", (8, 0)): False,  # an A100 is older than the build
+        ("9.0", (10, 0)): False,     # a binary without PTX runs only within its major version
+        ("8.0", (8, 6)): True,       # same major, newer minor
+        ("8.6", (8, 0)): False,
+        ("7.5;8.0 9.0", (7, 5)): True,
+        ("Hopper", (9, 0)): False,   # names are not understood: no claim of coverage
+    }
+    for (arch, cap), want in cases.items():
+        assert backends.arch_covers(arch, cap) is want, (arch, cap)
+
+
+def test_resolution_is_cached_and_follows_the_env_var(monkeypatch):
+    dev = torch.device("cpu")
+    backends._resolve.cache_clear()
+    first = backends.resolve("lif", None, dev, torch.float32)
+    assert backends.resolve("lif", None, dev, torch.float32) == first
+    assert backends._resolve.cache_info().hits >= 1
+    monkeypatch.setenv("LASNN_BACKEND", "reference")  # a new key, not a stale answer
+    assert backends.resolve("lif", None, dev, torch.float32) == "reference"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_this_gpu_is_covered_by_the_build_or_refused_with_the_fix():
+    from lasnn import _ext
+
+    why = backends.unavailable_reason("lif", "cuda", torch.device("cuda"), torch.float32)
+    cap = torch.cuda.get_device_capability()
+    if _ext.CUDA_ARCH_LIST and not backends.arch_covers(_ext.CUDA_ARCH_LIST, cap):
+        assert why is not None and "TORCH_CUDA_ARCH_LIST" in why
+    elif _ext.c_has_cuda_kernels("lif_fwd"):
+        assert why is None
