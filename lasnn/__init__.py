@@ -11,6 +11,7 @@ subpackages ``data`` (data sets) and ``distill`` (the LaSNN trainer: ``distill.t
 from lasnn import backends, data, distill, models, nn
 from lasnn.convert import accuracy_vs_timesteps, convert
 from lasnn.models import FeatureTap, features
+from lasnn.nir_io import from_nir, to_nir
 from lasnn.nn.spikify import spikify
 from lasnn.ops import lif
 from lasnn.ops.attention import attention_loss, attention_map, kd_loss
@@ -29,6 +30,7 @@ __all__ = [
     "data",
     "distill",
     "features",
+    "from_nir",
     "kd_loss",
     "keep_cpu_memory",
     "lif",
@@ -36,4 +38,5 @@ __all__ = [
     "nn",
     "profile",
     "spikify",
+    "to_nir",
 ]

@@ -10,7 +10,7 @@ import sys
 
 from lasnn.runtime import keep_cpu_memory
 
-_COMMAND_MODULES = ("lasnn.models.cli", "lasnn.distill.cli", "lasnn.convert.cli", "lasnn.demo")
+_COMMAND_MODULES = ("lasnn.models.cli", "lasnn.distill.cli", "lasnn.convert.cli", "lasnn.demo", "lasnn.nir_io")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _runs_on_cpu(args: argparse.Namespace) -> bool:
     """Whether the command computes on the CPU (its --device, "auto" meaning CPU when no GPU is visible)."""
-    if args.command in ("info", "models"):
+    if args.command in ("info", "models", "export-nir"):
         return False
     device = str(getattr(args, "device", "auto"))
     if device == "auto":
