@@ -666,3 +666,69 @@ def test_count_spikes_is_exact_beyond_float32_integers():
         count_spikes(torch.ones(3, dtype=torch.int64))
     with pytest.raises(TypeError, match="spikes must be a floating-point tensor"):
         count_spikes([1.0, 0.0])
+
+
+def test_spike_bits_round_trip_every_dtype_and_odd_sizes():
+    from lasnn.nn.lowmem import pack_bits, unpack_bits
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for shape in ((3, 5, 7), (16,), (1,), (2, 0, 3)):
+            s = (torch.rand(shape, generator=g) < 0.3).to(dtype)
+            p = pack_bits(s)
+            assert p.dtype == torch.uint8 and p.numel() == -(-s.numel() // 8)
+            back = unpack_bits(p, s.shape, dtype)
+            assert back.dtype == dtype and torch.equal(back, s), (dtype, shape)
+
+
+def _grads(snn, x, y, low: bool) -> list[torch.Tensor]:
+    snn.zero_grad(set_to_none=True)
+    snn.low_memory = low
+    F.cross_entropy(snn(x), y).backward()
+    return [p.grad.clone() for p in snn.parameters()]
+
+
+@pytest.mark.parametrize("name,kw", [("mnist1d_cnn_small", {}), ("fashion_cnn_small", {}),
+                                     ("resnet20", {"width": 0.25})])
+def test_low_memory_bptt_gives_bit_identical_gradients_and_saves_memory(name, kw):
+    torch.manual_seed(0)
+    info = model_info(name)
+    snn = spikify(create(name, **kw), T=4).train()
+    x = torch.randn(32, *info.input_shape)
+    y = torch.randint(0, 10, (32,))
+    plain, low = _grads(snn, x, y, False), _grads(snn, x, y, True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, low, strict=True))
+    assert snn.low_memory  # the default
+
+    # memory: peak bytes allocated during forward + backward, from the profiler's allocator events
+    def peak(low: bool) -> int:
+        import json
+        import tempfile
+        from pathlib import Path
+
+        snn.low_memory = low
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            F.cross_entropy(snn(x), y).backward()
+        with tempfile.TemporaryDirectory() as d:
+            prof.export_chrome_trace(str(Path(d) / "t.json"))
+            events = json.loads((Path(d) / "t.json").read_text())["traceEvents"]
+        mem = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+        return max(m["Total Allocated"] for m in mem) - (mem[0]["Total Allocated"] - mem[0]["Bytes"])
+
+    assert peak(True) < 0.85 * peak(False)
+
+
+def test_low_memory_steps_aside_for_checkpointing_and_leaves_no_hooks():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    snn = spikify(create("digits_cnn_small"), T=2).train()
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    want = _grads(snn, x, y, False)
+    snn.zero_grad(set_to_none=True)
+    snn.low_memory = True
+    F.cross_entropy(checkpoint(snn, x, use_reentrant=False), y).backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(want, snn.parameters(), strict=True))
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    with torch.no_grad():  # no graph, nothing saved: the plain path
+        snn(x)

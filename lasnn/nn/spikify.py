@@ -46,6 +46,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lasnn.nn.encoders import DirectEncoder, PoissonEncoder, check_T
+from lasnn.nn.lowmem import mark_spikes, spike_bits
 from lasnn.nn.neurons import LIF
 from lasnn.ops.lif import lif
 
@@ -125,7 +126,13 @@ class FoldedNeuron(nn.Module):
             spikes = self._forward_streaming(x_seq)
         else:
             spikes = self.neuron(x_seq)
-        return spikes.reshape(x.shape)
+        out = spikes.reshape(x.shape)
+        # exactly 0/1 (lasnn.lif's spikes, not a subclass's own dynamics): may be saved as bits (lasnn.nn.lowmem)
+        n = self.neuron
+        if not torch.compiler.is_compiling() and isinstance(n, LIF) and type(n).forward is LIF.forward \
+                and not hasattr(n, "forward_stateful"):
+            mark_spikes(out)
+        return out
 
     def _forward_streaming(self, x_seq: torch.Tensor) -> torch.Tensor:
         idx = self._call
@@ -289,6 +296,11 @@ class SNN(nn.Module):
         input_dims: rank of one un-encoded input, e.g. 4 for ``[B, C, H, W]``.
         on_analog: what the first eager forward does about activation functions called outside the
             spiking sites (``"error"``, ``"warn"`` or ``"ignore"``; see :func:`spikify`).
+        low_memory: True (default): in a forward that builds an autograd graph, the spikes of LIF/IF
+            sites that autograd saves for the backward (the input of the next conv/linear/pool) are kept
+            as bits, not floats (``lasnn.nn.lowmem``); gradients are bit-identical. Off under
+            ``torch.compile`` and wherever other saved-tensor hooks (checkpointing, offloading) are active.
+            Set False for the plain path.
 
     Shapes: ``snn(x)`` maps ``[B, ...]`` (or encoded ``[T', B, ...]``) to ``[B, classes]``;
     ``snn(x, return_steps=True)`` / ``snn.forward_steps(x)`` to per-step logits ``[T, B, classes]``.
@@ -304,6 +316,7 @@ class SNN(nn.Module):
         self.on_analog = on_analog
         # the functional-activation check runs once, on the first eager forward (it needs real calls)
         self._analog_check_pending = on_analog != "ignore"
+        self.low_memory = True
         self._T = 1
         self.T = T
 
@@ -372,6 +385,12 @@ class SNN(nn.Module):
             ValueError for input of the wrong rank, and on the first eager call with
             ``on_analog="error"`` when the body applies an activation function outside the spiking sites.
         """
+        if self.low_memory and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            with spike_bits():
+                return self._forward(x, return_steps)
+        return self._forward(x, return_steps)
+
+    def _forward(self, x: torch.Tensor, return_steps: bool) -> torch.Tensor:
         x_seq = self.encode(x)
         T, B = x_seq.shape[0], x_seq.shape[1]
         self._prepare(T)
@@ -383,7 +402,7 @@ class SNN(nn.Module):
                 out = self.body(folded)
             if rec.calls:  # on "error" the check stays pending: every call refuses, not just the first
                 _report_analog(f"the ANN's forward applies activation functions outside any replaced module "
-                               f"({rec.summary()})", self.on_analog, stacklevel=4)
+                               f"({rec.summary()})", self.on_analog, stacklevel=5)
             self._analog_check_pending = False
         else:
             out = self.body(folded)
