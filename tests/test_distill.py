@@ -144,6 +144,27 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
+# The lasnn command line in a process that SIGKILLs itself after `after` optimizer steps (through the
+# trainers' on_step callback), exactly like an external kill -9.
+_KILLED_CLI = """
+import os, signal, sys
+import lasnn.distill.trainer as tr
+after = int(sys.argv[1])
+init = tr._Trainer.__init__
+def patched(self, *a, **k):
+    k["on_step"] = lambda epoch, step, n: n >= after and os.kill(os.getpid(), signal.SIGKILL)
+    init(self, *a, **k)
+tr._Trainer.__init__ = patched
+from lasnn.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _cli_killed_after(steps: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _KILLED_CLI, str(steps), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(teacher, tmp_path):
     # Layer-wise schedule, Poisson encoding (its generator must be restored too), a checkpoint every 2
     # steps; 4 steps per epoch, killed after 7 steps: inside epoch 2 (stage pair2), 1 step after the
@@ -154,7 +175,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(teacher, tmp_
     full, killed = tmp_path / "full", tmp_path / "killed"
     r = _cli(*args, "--out", str(full))
     assert r.returncode == 0, r.stderr
-    r = _cli(*args, "--out", str(killed), env={"LASNN_TEST_KILL_AFTER_STEPS": "7"})
+    r = _cli_killed_after(7, *args, "--out", str(killed))
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
     ck = load_checkpoint(killed / "last.pt")
     assert (ck["epoch"], ck["step"]) == (1, 2)
@@ -197,7 +218,7 @@ def test_train_snn_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert _cli(*args, "--out", str(full)).returncode == 0
     # 4 steps per epoch: killed 1 step after the mid-epoch checkpoint at step 2 of epoch 2
-    r = _cli(*args, "--out", str(killed), env={"LASNN_TEST_KILL_AFTER_STEPS": "7"})
+    r = _cli_killed_after(7, *args, "--out", str(killed))
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
     ck = load_checkpoint(killed / "last.pt")
     assert (ck["epoch"], ck["step"]) == (1, 2)
@@ -367,3 +388,12 @@ def test_only_the_attention_terms_a_stage_uses_are_computed(teacher, tmp_path, m
     distill(out=tmp_path / "lw", teacher=str(teacher), schedule="layerwise", epochs=3, T=2, quiet=True, **STUDENT)
     steps = _records(tmp_path / "lw")[0]["train_samples"] // STUDENT["batch_size"]
     assert len(calls) == steps * (1 + 1 + 2)
+
+
+def test_on_step_is_called_after_every_optimizer_step(tmp_path):
+    calls = []
+    train_snn(out=tmp_path / "d", epochs=2, T=2, quiet=True, on_step=lambda *a: calls.append(a), **SMALL)
+    per_epoch = len(calls) // 2
+    assert per_epoch >= 1 and calls[0] == (0, 1, 1) and calls[-1] == (1, per_epoch, 2 * per_epoch)
+    with pytest.raises(TypeError, match="on_step must be a callable"):
+        train_snn(out=tmp_path / "e", epochs=1, quiet=True, on_step=3, **SMALL)

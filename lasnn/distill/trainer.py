@@ -19,9 +19,9 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,6 @@ __all__ = ["Run", "RunError", "distill", "load_run", "train_snn", "train_teacher
 
 # Fields that may differ between a run and its resume (they describe the machine, not the run).
 _MACHINE_FIELDS = ("device", "data_dir")
-# Environment hook for the kill-and-resume test: SIGKILL this process after that many optimizer steps
-# of this invocation (after any checkpoint due at that step), exactly like an external ``kill -9``.
-_KILL_ENV = "LASNN_TEST_KILL_AFTER_STEPS"
 
 
 class RunError(ValueError):
@@ -247,9 +244,17 @@ def _load_teacher(cfg: DistillConfig, ds: Dataset) -> tuple[nn.Module, dict[str,
 # ------------------------------------------------------------------------------------------ engine
 
 
+#: ``on_step(epoch, step, steps_this_process)``, called after every optimizer step
+StepCallback = Callable[[int, int, int], None]
+
+
 class _Trainer:
     def __init__(self, cls: type, config: TeacherConfig | None, overrides: dict[str, Any], out: Path, *,
-                 resume: bool, quiet: bool) -> None:
+                 resume: bool, quiet: bool, on_step: StepCallback | None = None) -> None:
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"on_step must be a callable (epoch, step, steps_this_process), "
+                            f"got {type(on_step).__name__}")
+        self.on_step = on_step
         self.quiet = quiet
         self.out = out
         if resume:
@@ -515,7 +520,6 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         cfg, env = self.cfg, self.env
-        kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
         steps_this_process = 0
         show_bar = env.is_main and not self.quiet and sys.stderr.isatty()
         t_run = time.perf_counter()
@@ -557,8 +561,8 @@ class _Trainer:
                 steps_this_process += 1
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < self.steps_per_epoch:
                     self._save(epoch, step + 1)
-                if kill_after and steps_this_process >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if self.on_step is not None:
+                    self.on_step(epoch, step + 1, steps_this_process)
             bar.close()
             self._end_epoch(epoch, stage, lr, time.perf_counter() - t0)
         result = self._result(time.perf_counter() - t_run)
@@ -695,16 +699,16 @@ def _make_config(cls: type, config: TeacherConfig | None, overrides: dict[str, A
 
 
 def _train(cls: type, config: TeacherConfig | None, overrides: dict[str, Any], out: str | os.PathLike,
-           resume: bool, quiet: bool) -> dict[str, Any]:
+           resume: bool, quiet: bool, on_step: StepCallback | None) -> dict[str, Any]:
     # The run seeds and (on resume) restores the global RNGs it draws from; the caller's streams are
     # saved around it so that a library call leaves them as it found them.
     with preserved_rng():
-        return _Trainer(cls, config, overrides, Path(out), resume=resume, quiet=quiet).run()
+        return _Trainer(cls, config, overrides, Path(out), resume=resume, quiet=quiet, on_step=on_step).run()
 
 
 def train_teacher(
     config: TeacherConfig | None = None, *, out: str | os.PathLike, resume: bool = False, quiet: bool = False,
-    **overrides: Any,
+    on_step: StepCallback | None = None, **overrides: Any,
 ) -> dict[str, Any]:
     """Train an ANN teacher from the zoo; writes ``out/config.json``, ``metrics.jsonl``, ``last.pt``,
     ``best.pt``, ``curves.png``.
@@ -716,27 +720,30 @@ def train_teacher(
         resume: continue the run in ``out`` from ``last.pt`` (settings come from its config.json; any
             given that differ raise RunError).
         quiet: no progress bars or per-epoch lines.
+        on_step: called after every optimizer step as ``on_step(epoch, step, steps_this_process)`` (0-based
+            epoch, 1-based step inside it, steps since this call started); e.g. progress reporting, or
+            killing the process to test resuming.
     Returns:
         final metrics: ``{"test_acc", "best_test_acc", "train_acc", "epochs", "model", "dataset", "seconds", ...}``.
     """
-    return _train(TeacherConfig, config, overrides, out, resume, quiet)
+    return _train(TeacherConfig, config, overrides, out, resume, quiet, on_step)
 
 
 def distill(
     config: DistillConfig | None = None, *, out: str | os.PathLike, resume: bool = False, quiet: bool = False,
-    **overrides: Any,
+    on_step: StepCallback | None = None, **overrides: Any,
 ) -> dict[str, Any]:
     """Distil a spiking student from a trained teacher (LaSNN); same files and arguments as ``train_teacher``.
 
     Example: ``distill(out="runs/s", dataset="digits", teacher="runs/t", T=4, schedule="layerwise", epochs=6)``.
     Returns the final metrics plus ``T``, ``schedule``, ``stages``, ``pairs``, ``firing_rate`` and ``teacher``.
     """
-    return _train(DistillConfig, config, overrides, out, resume, quiet)
+    return _train(DistillConfig, config, overrides, out, resume, quiet, on_step)
 
 
 def train_snn(
     config: SNNConfig | None = None, *, out: str | os.PathLike, resume: bool = False, quiet: bool = False,
-    **overrides: Any,
+    on_step: StepCallback | None = None, **overrides: Any,
 ) -> dict[str, Any]:
     """Train a spiking student directly (no teacher): the baseline distillation has to beat.
 
@@ -744,4 +751,4 @@ def train_snn(
     DDP as ``train_teacher``. Example: ``train_snn(out="runs/d", dataset="mnist1d", T=4, epochs=30)``.
     Returns the final metrics plus ``T``, ``schedule`` (``"direct"``) and ``firing_rate``.
     """
-    return _train(SNNConfig, config, overrides, out, resume, quiet)
+    return _train(SNNConfig, config, overrides, out, resume, quiet, on_step)
