@@ -20,6 +20,15 @@ additions and neuron updates are not counted):
 
 The ANN reference is ``4.6 pJ x`` all MACs of one pass. Neuron rows report the firing rate of their
 output spikes (fraction of neuron-steps that fire).
+
+``convention="neurobench"`` counts as NeuroBench's ``SynapticOperations`` does (its ``Effective_MACs``,
+``Effective_ACs`` and ``Dense``, from ``Profile.neurobench()``): every call of a conv/linear, at every step,
+does one operation per (nonzero input, nonzero weight) pair it connects (bias not counted); the call is
+accumulates (ACs) when all its inputs are 0 or +-1 and multiply-accumulates otherwise; ``Dense`` counts every
+pair, zeros included. Where that differs from the default: the direct-encoded input layer is counted at
+every step (``T`` times, not once); a zero input or a zero weight costs nothing (the default counts a
+spike-driven layer by its input firing rate x all weights, and an analog layer densely); average-pooled
+spikes and ``θ·S`` spikes (values other than 0/1) are MACs (the default counts them as spike-driven).
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ class LayerProfile:
         mac_ops: multiply-accumulates executed over all steps.
         energy_pj: ``0.9·sops + 4.6·mac_ops``.
         neurons: neuron rows: neurons per sample at one step (weights the mean rate of the total row).
+        dense_ops: every connection of every step, zeros included (``macs x T``; NeuroBench's ``Dense``).
     """
 
     name: str
@@ -69,6 +79,7 @@ class LayerProfile:
     mac_ops: float
     energy_pj: float
     neurons: int = 0
+    dense_ops: float = 0.0
 
 
 @dataclass
@@ -81,6 +92,7 @@ class Profile:
     is_snn: bool
     e_mac_pj: float = E_MAC_PJ
     e_ac_pj: float = E_AC_PJ
+    convention: str = "lasnn"
     totals: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,6 +104,7 @@ class Profile:
             "mac_ops": float(sum(r.mac_ops for r in syn)),
             "energy_pj": float(sum(r.energy_pj for r in syn)),
             "ann_energy_pj": self.e_mac_pj * float(sum(r.macs for r in syn)),
+            "dense_ops": float(sum(r.dense_ops for r in syn)),
             # spike-count weighted mean over all neurons
             "firing_rate": _weighted_rate(neu),
         }
@@ -105,6 +118,14 @@ class Profile:
     def ann_energy_pj(self) -> float:
         """Energy of the same network run as an ANN (all MACs, one pass), pJ."""
         return self.totals["ann_energy_pj"]
+
+    def neurobench(self) -> dict[str, float]:
+        """``{"Effective_MACs", "Effective_ACs", "Dense"}`` per sample, as NeuroBench's ``SynapticOperations``
+        reports them; only for a profile taken with ``convention="neurobench"``."""
+        if self.convention != "neurobench":
+            raise ValueError("neurobench(): take the profile with lasnn.profile(..., convention='neurobench')")
+        t = self.totals
+        return {"Effective_MACs": t["mac_ops"], "Effective_ACs": t["sops"], "Dense": t["dense_ops"]}
 
     @property
     def firing_rates(self) -> dict[str, float]:
@@ -183,7 +204,30 @@ def _spike_rate(x: torch.Tensor) -> float | None:
 
 
 @torch.no_grad()
-def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_ac_pj: float = E_AC_PJ) -> Profile:
+def _neurobench_ops(m: nn.Module, inp: torch.Tensor) -> tuple[float, float, bool]:
+    """Over the whole call: (operations between nonzero inputs and nonzero weights, all operations (padding
+    excluded, as a conv of ones with ones), whether every input is 0 or +-1), counted in float64."""
+    spiking = bool(((inp == 0) | (inp == 1) | (inp == -1)).all())
+
+    def apply(x: torch.Tensor, w: torch.Tensor) -> float:
+        if isinstance(m, nn.Linear):
+            return float(torch.nn.functional.linear(x, w).sum())
+        if m.padding_mode != "zeros":
+            raise ValueError(f"convention='neurobench': {type(m).__name__} with padding_mode={m.padding_mode!r}")
+        conv = {nn.Conv1d: torch.nn.functional.conv1d, nn.Conv2d: torch.nn.functional.conv2d,
+                nn.Conv3d: torch.nn.functional.conv3d}[type(m)]
+        return float(conv(x, w, None, m.stride, m.padding, m.dilation, m.groups).sum())
+
+    eff = apply((inp != 0).to(torch.float64), (m.weight != 0).to(torch.float64))
+    dense = apply(torch.ones_like(inp, dtype=torch.float64), torch.ones_like(m.weight, dtype=torch.float64))
+    return eff, dense, spiking
+
+
+CONVENTIONS = ("lasnn", "neurobench")
+
+
+def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_ac_pj: float = E_AC_PJ,
+            convention: str = "lasnn") -> Profile:
     """Measure per-layer firing rates, SOPs/MACs and energy of one forward pass (see the module docstring).
 
     Runs ``model`` once on ``x`` under ``torch.no_grad()`` in eval mode (the training flag is restored), so
@@ -194,6 +238,8 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
         x: its input, ``[B, ...]`` (an SNN also takes encoded ``[T, B, ...]``); every number is per sample,
             averaged over the ``B`` samples.
         e_mac_pj, e_ac_pj: energy per MAC / per accumulate, pJ (finite, >= 0).
+        convention: ``"lasnn"`` (the module docstring's accounting) or ``"neurobench"`` (NeuroBench's
+            ``SynapticOperations``; ``Profile.neurobench()`` gives its three numbers).
     Returns:
         :class:`Profile` (``print(p)`` for the table; ``p.layers``, ``p.totals``, ``p.to_dict()``).
     """
@@ -205,6 +251,8 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
         if check_float(name, e) < 0:
             raise ValueError(f"{name} must be >= 0, got {e}")
     e_mac_pj, e_ac_pj = float(e_mac_pj), float(e_ac_pj)
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     is_snn = isinstance(model, SNN)
     net = model.body if is_snn else model
     if is_snn:
@@ -227,6 +275,16 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
         def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
             inp = args[0]
             macs = _macs_per_item(m, out)
+            dense = float(macs * T)
+            if convention == "neurobench":
+                ops, dense, spiking = _neurobench_ops(m, inp)
+                ops, dense = ops / B, dense / B  # the call covers all T steps of the B samples
+                sops, mac_ops = (ops, 0.0) if spiking else (0.0, ops)
+                rate = _spike_rate(inp) if spiking and is_snn else None
+                rows.append(LayerProfile(name_of(path), type(m).__name__, "spikes" if spiking else "analog", macs,
+                                         rate, T, sops, mac_ops, e_ac_pj * sops + e_mac_pj * mac_ops,
+                                         dense_ops=dense))
+                return
             rate = _spike_rate(inp) if is_snn else None
             if is_snn and rate is not None:
                 kind, steps, sops, mac_ops = "spikes", T, rate * T * macs, 0.0
@@ -240,7 +298,8 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
                     steps = 1 if bool((seq == seq[0]).all()) else T
                 kind, sops, mac_ops, rate = "analog", 0.0, float(steps * macs), None
             energy = e_ac_pj * sops + e_mac_pj * mac_ops
-            rows.append(LayerProfile(name_of(path), type(m).__name__, kind, macs, rate, steps, sops, mac_ops, energy))
+            rows.append(LayerProfile(name_of(path), type(m).__name__, kind, macs, rate, steps, sops, mac_ops, energy,
+                                     dense_ops=dense))
 
         return hook
 
@@ -270,4 +329,4 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
         for h in handles:
             h.remove()
     # every count is per sample already: rates are means over T and B, MACs are per item
-    return Profile(rows, T, B, is_snn, e_mac_pj, e_ac_pj)
+    return Profile(rows, T, B, is_snn, e_mac_pj, e_ac_pj, convention)

@@ -164,3 +164,56 @@ def test_bad_input():
         lasnn.profile(snn, _image(), e_mac_pj=-1.0)
     with pytest.raises(TypeError, match="e_ac_pj must be a float"):
         lasnn.profile(snn, _image(), e_ac_pj="0.9")
+
+
+def _neurobench_synops(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """NeuroBench's own SynapticOperations on ``model(x)``: its layer hooks on every conv/linear."""
+    import types
+
+    from neurobench.blocks.layer import STATELESS_LAYERS
+    from neurobench.hooks.layer import LayerHook
+    from neurobench.metrics.workload import SynapticOperations
+
+    # what SynapticOperations reads of a NeuroBenchModel
+    wrapped = types.SimpleNamespace(
+        connection_hooks=[LayerHook(m) for m in model.modules() if isinstance(m, STATELESS_LAYERS)])
+    with torch.no_grad():
+        model(x)
+        out = SynapticOperations()(wrapped, None, (x, None))
+    for h in wrapped.connection_hooks:
+        h.close()
+    return out
+
+
+@pytest.mark.parametrize("name,kw", [("fashion_cnn_small", {}), ("mnist1d_cnn_small", {}), ("digits_cnn", {}),
+                                     ("resnet20", {"width": 0.25})])
+def test_neurobench_convention_equals_neurobench(name, kw):
+    pytest.importorskip("neurobench", reason="NeuroBench not installed (pip install neurobench)")
+    from lasnn.models import create, model_info
+
+    torch.manual_seed(0)
+    ann = create(name, **kw).eval()
+    x = 10 * torch.randn(4, *model_info(name).input_shape)  # strong input: the spiking layers do fire
+    snn = lasnn.spikify(ann, T=4).eval()
+    for model in (snn, ann):
+        p = lasnn.profile(model, x, convention="neurobench")
+        assert p.neurobench() == _neurobench_synops(model, x), (name, type(model).__name__)
+    if name in ("mnist1d_cnn_small", "resnet20"):  # a conv reads spikes directly (elsewhere pooled spikes: MACs)
+        assert lasnn.profile(snn, x, convention="neurobench").neurobench()["Effective_ACs"] > 0
+
+
+def test_neurobench_convention_closed_form():
+    # one linear layer, weights with zeros, binary input: ops = nonzero (input, weight) pairs
+    lin = nn.Linear(4, 3, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.5, 1.0], [1.0, 1.0, 1.0, 1.0]]))
+    spikes = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    nb = lasnn.profile(lin, spikes, convention="neurobench").neurobench()
+    # sample 1: columns 0, 2 -> 2 + 1 + 2 = 5; sample 2: all -> 2 + 2 + 4 = 8; per sample 6.5
+    assert nb == {"Effective_MACs": 0.0, "Effective_ACs": 6.5, "Dense": 12.0}
+    analog = lasnn.profile(lin, spikes * 0.5, convention="neurobench").neurobench()
+    assert analog == {"Effective_MACs": 6.5, "Effective_ACs": 0.0, "Dense": 12.0}
+    with pytest.raises(ValueError, match="convention must be one of"):
+        lasnn.profile(lin, spikes, convention="nb")
+    with pytest.raises(ValueError, match="take the profile with"):
+        lasnn.profile(lin, spikes).neurobench()
