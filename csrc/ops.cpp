@@ -38,6 +38,12 @@ TORCH_LIBRARY(lasnn, m) {
   m.def("attention_map_fwd(Tensor feat, float p, bool time_mean) -> Tensor");
   // grad_map: the shape attention_map_fwd returned. Returns grad_feat shaped and typed like feat.
   m.def("attention_map_bwd(Tensor grad_map, Tensor feat, float p, bool time_mean) -> Tensor");
+  // Spikes as bits (low-memory BPTT, lasnn/nn/lowmem.py): spikes (0/1, any float dtype and shape) ->
+  // [ceil(numel / 8)] uint8, bit i of byte j = element 8j + i; and back to a contiguous [numel] tensor of
+  // dtype. Not differentiable (storage format of saved tensors). CPU kernels; elsewhere the Python
+  // fallback in lasnn/ops/spike_bits.py runs.
+  m.def("spike_pack(Tensor spikes) -> Tensor");
+  m.def("spike_unpack(Tensor packed, int numel, ScalarType dtype) -> Tensor");
   // Which build of the CPU LIF kernels runs fp32 and bf16 on this machine: "avx512", "avx2" or "base"
   // (after LASNN_CPU_ISA); fp16 and fp64 always run "base". Shown by `python -m lasnn info` and the
   // benchmarks.

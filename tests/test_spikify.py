@@ -669,16 +669,34 @@ def test_count_spikes_is_exact_beyond_float32_integers():
 
 
 def test_spike_bits_round_trip_every_dtype_and_odd_sizes():
-    from lasnn.nn.lowmem import pack_bits, unpack_bits
+    from lasnn.ops import spike_bits
+    from lasnn.ops.spike_bits import pack_bits, unpack_bits
 
     g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        for shape in ((3, 5, 7), (16,), (1,), (2, 0, 3)):
-            s = (torch.rand(shape, generator=g) < 0.3).to(dtype)
-            p = pack_bits(s)
-            assert p.dtype == torch.uint8 and p.numel() == -(-s.numel() // 8)
-            back = unpack_bits(p, s.shape, dtype)
-            assert back.dtype == dtype and torch.equal(back, s), (dtype, shape)
+    for use_c in ((True, False) if lasnn._ext.c_has_op("spike_pack") else (False,)):
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            for shape in ((3, 5, 7), (16,), (1,), (2, 0, 3), (1000, 9)):
+                s = (torch.rand(shape, generator=g) < 0.3).to(dtype)
+                orig = spike_bits._use_c
+                spike_bits._use_c = lambda t, u=use_c: u  # the C++ kernels and the torch fallback alike
+                try:
+                    p = pack_bits(s)
+                    assert p.dtype == torch.uint8 and p.numel() == -(-s.numel() // 8)
+                    back = unpack_bits(p, s.shape, dtype)
+                    if s.numel():  # the same bytes from both paths: one format
+                        spike_bits._use_c = lambda t: False
+                        assert torch.equal(pack_bits(s), p)
+                finally:
+                    spike_bits._use_c = orig
+                assert back.dtype == dtype and torch.equal(back, s), (use_c, dtype, shape)
+    if lasnn._ext.c_has_op("spike_pack"):
+        s = (torch.rand(4, 9, generator=g) < 0.5).float()
+        torch.library.opcheck(torch.ops.lasnn.spike_pack.default, (s,))
+        torch.library.opcheck(torch.ops.lasnn.spike_unpack.default, (pack_bits(s), 36, torch.float32))
+    with pytest.raises(TypeError, match="spikes must be a floating-point tensor"):
+        pack_bits(torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="does not fit"):
+        unpack_bits(torch.zeros(2, dtype=torch.uint8), (30,), torch.float32)
 
 
 def _grads(snn, x, y, low: bool) -> list[torch.Tensor]:

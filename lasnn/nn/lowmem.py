@@ -20,44 +20,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["mark_spikes", "pack_bits", "spike_bits", "unpack_bits"]
+from lasnn.ops.spike_bits import pack_bits, unpack_bits
+
+__all__ = ["mark_spikes", "spike_bits"]
 
 _ACTIVE: contextvars.ContextVar[_SpikeBits | None] = contextvars.ContextVar("lasnn_spike_bits", default=None)
-
-
-def pack_bits(spikes: torch.Tensor) -> torch.Tensor:
-    """``spikes`` (any shape, 0/1) -> ``[ceil(numel / 8)]`` uint8; bit ``i`` of byte ``j`` is element ``8j + i``.
-
-    One matrix-vector product: each group of 8 spikes times ``[1, 2, ..., 128]`` is an integer below 256,
-    exact in every floating dtype (bf16 included), then cast to uint8.
-    """
-    flat = spikes.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=flat.dtype, device=flat.device)
-    return (flat.view(-1, 8) @ weights).to(torch.uint8)
-
-
-_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _bit_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[256, 8]``: row ``b`` holds the 8 bits of ``b``, least significant first, in ``dtype``."""
-    key = (dtype, device)
-    if key not in _TABLES:
-        b = torch.arange(256, dtype=torch.int64)
-        _TABLES[key] = ((b.unsqueeze(1) >> torch.arange(8)) & 1).to(dtype=dtype, device=device)
-    return _TABLES[key]
-
-
-def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: ``[ceil(n / 8)]`` uint8 -> 0/1 tensor of ``shape`` and ``dtype`` (one gather)."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    bits = _bit_table(dtype, packed.device)[packed.long()]
-    return bits.reshape(-1)[:n].reshape(shape)
 
 
 class _Packed:

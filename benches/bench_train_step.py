@@ -1,0 +1,155 @@
+"""Benchmark of one training step (forward + backward + SGD update) of a spiking network, against the same
+network as an ANN and against SpikingJelly 2.0.
+
+Run: ``pytest benches/ -k train_step --benchmark-json=out.json`` (``--keep-cpu-memory`` for the allocator
+setting the ``lasnn`` commands use on a CPU; ``LASNN_BENCH_ROUNDS`` rounds per row, default 5).
+
+Network: a VGG-style student of six conv(3x3, no bias)-BN-activation layers (32-32-64-64-128-128
+channels, 2x2 average pooling after every second one) and a linear classifier, on 32x32x3 input, T=4
+(direct encoding), fp32. Rows, each at two batch sizes so the per-sample slope is visible:
+
+- ``ann``: the network with ReLU;
+- ``lasnn``: ``lasnn.spikify`` of it (LIF tau=2, hard reset), low-memory BPTT on (spikes saved as bits);
+- ``lasnn_plain``: the same with ``snn.low_memory = False``;
+- ``spikingjelly``: SpikingJelly 2.0 multi-step layers, ``LIFNode(tau=2)`` (its default backend);
+- ``spikingjelly_memopt``: that, after ``memopt.optimize_memory(level=1)`` (skipped where it cannot run,
+  with the reason).
+
+``extra_info``: ``peak_bytes`` (peak of live bytes allocated above the start during one step: the
+profiler's allocator events on a CPU, ``max_memory_allocated`` on a GPU), ``batch``, and once both batch
+sizes of a row ran, ``bytes_per_sample`` (the slope between them: activation memory per sample) and
+``over_ann`` (that slope over the ANN's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lasnn
+
+T = 4
+BATCHES = (16, 48)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROUNDS = int(os.environ.get("LASNN_BENCH_ROUNDS", "5"))
+ROWS = ("ann", "lasnn", "lasnn_plain", "spikingjelly", "spikingjelly_memopt")
+_peaks: dict[tuple[str, int], int] = {}
+
+
+def _vgg(act) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c = 3
+    for i, co in enumerate((32, 32, 64, 64, 128, 128)):
+        layers += [nn.Conv2d(c, co, 3, padding=1, bias=False), nn.BatchNorm2d(co), act()]
+        if i % 2 == 1:
+            layers.append(nn.AvgPool2d(2))
+        c = co
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 4 * 4, 10))
+
+
+def _spikingjelly(memopt: bool, x: torch.Tensor):
+    sj = pytest.importorskip("spikingjelly.activation_based", reason="SpikingJelly 2.0 not installed")
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+    mods: list[nn.Module] = []
+    c = 3
+    for i, co in enumerate((32, 32, 64, 64, 128, 128)):
+        mods += [layer.Conv2d(c, co, 3, padding=1, bias=False), layer.BatchNorm2d(co),
+                 neuron.LIFNode(tau=2.0, surrogate_function=surrogate.Sigmoid())]
+        if i % 2 == 1:
+            mods.append(layer.AvgPool2d(2))
+        c = co
+    net = nn.Sequential(*mods, layer.Flatten(), layer.Linear(128 * 4 * 4, 10))
+    functional.set_step_mode(net, "m")
+    net = net.to(DEVICE)
+    x_seq = x.unsqueeze(0).repeat(T, *([1] * x.dim()))
+    if memopt:
+        from spikingjelly.activation_based import memopt as mo
+
+        try:
+            net = mo.optimize_memory(net, (neuron.LIFNode,), lambda m: m(x_seq), level=1)
+        except Exception as e:  # e.g. needs CUDA here
+            pytest.skip(f"spikingjelly memopt cannot run here: {type(e).__name__}: {e}")
+
+    def forward(inp):
+        functional.reset_net(net)
+        return net(x_seq).mean(0)
+
+    del sj
+    return net, forward
+
+
+def _model(row: str, x: torch.Tensor):
+    torch.manual_seed(0)
+    if row.startswith("spikingjelly"):
+        return _spikingjelly(row.endswith("memopt"), x)
+    ann = _vgg(nn.ReLU).to(DEVICE)
+    if row == "ann":
+        return ann, ann
+    snn = lasnn.spikify(ann, T=T).to(DEVICE)
+    snn.low_memory = row == "lasnn"
+    return snn, snn
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_bytes(fn) -> int:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mem = [e["args"] for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    if not mem:
+        return 0
+    return max(m["Total Allocated"] for m in mem) - (mem[0]["Total Allocated"] - mem[0]["Bytes"])
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("row", ROWS)
+def test_train_step(benchmark, bench_info, row, batch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(DEVICE)
+    y = torch.randint(0, 10, (batch,), generator=g).to(DEVICE)
+    module, forward = _model(row, x)
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(forward(x), y).backward()
+        opt.step()
+        _sync()
+
+    step()  # momentum buffers exist before the peak is taken: every later step looks like this one
+    peak = _peak_bytes(step)
+    benchmark.group = f"train step T={T} batch {batch}"
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    _peaks[(row, batch)] = peak
+    benchmark.extra_info.update(bench_info)
+    benchmark.extra_info.update(row=row, batch=batch, T=T, device=DEVICE, peak_bytes=peak)
+    lo, hi = BATCHES
+    if (row, lo) in _peaks and (row, hi) in _peaks:
+        slope = (_peaks[(row, hi)] - _peaks[(row, lo)]) / (hi - lo)
+        benchmark.extra_info["bytes_per_sample"] = round(slope)
+        if ("ann", lo) in _peaks and ("ann", hi) in _peaks and row != "ann":
+            ann_slope = (_peaks[("ann", hi)] - _peaks[("ann", lo)]) / (hi - lo)
+            benchmark.extra_info["over_ann"] = round(slope / ann_slope, 3)
