@@ -42,15 +42,18 @@ class _SpikeBits:
         self.spikes: dict[int, weakref.ref[torch.Tensor]] = {}
 
     def mark(self, t: torch.Tensor) -> None:
-        self.spikes[t.untyped_storage().data_ptr()] = weakref.ref(t)
+        if t.device.type != "meta" and t.untyped_storage().data_ptr() != 0:
+            self.spikes[t.untyped_storage().data_ptr()] = weakref.ref(t)
 
     def pack(self, t: torch.Tensor) -> Any:
-        if t.layout != torch.strided or t.numel() == 0:
+        if t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta" or not t.is_floating_point():
             return t
         ptr = t.untyped_storage().data_ptr()
+        if ptr == 0:  # no real storage (meta, fake tensors): addresses say nothing
+            return t
         ref = self.spikes.get(ptr)
         s = ref() if ref is not None else None
-        if s is not None and s.untyped_storage().data_ptr() == ptr and s.device == t.device:
+        if s is not None and s.untyped_storage().data_ptr() == ptr and s.device == t.device and s.dtype == t.dtype:
             return _Packed(t)
         return t
 
