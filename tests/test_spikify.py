@@ -750,3 +750,15 @@ def test_low_memory_steps_aside_for_checkpointing_and_leaves_no_hooks():
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
     with torch.no_grad():  # no graph, nothing saved: the plain path
         snn(x)
+
+
+def test_low_memory_saves_a_spike_tensor_changed_in_place_as_is():
+    class Halve(nn.Module):  # changes the spikes in place before the next conv saves them
+        def forward(self, x):
+            return x.mul_(0.5)
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), Halve(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 3))
+    snn = spikify(ann, T=2, neuron=LIF(v_threshold=0.1)).train()
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    assert all(torch.equal(a, b) for a, b in zip(_grads(snn, x, y, False), _grads(snn, x, y, True), strict=True))

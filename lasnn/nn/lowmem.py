@@ -39,11 +39,13 @@ class _SpikeBits:
         # storage address -> the spike tensor, weakly: an address is trusted only while its spikes live
         # (while they do, their storage cannot be freed and reused). Any view of that storage (a reshape, the
         # unsqueeze inside a 1-d pool) holds spikes only, so it is packed too.
-        self.spikes: dict[int, weakref.ref[torch.Tensor]] = {}
+        # The version counter (shared by views) at marking: a spike tensor changed in place since then is
+        # no longer 0/1 and is saved as usual.
+        self.spikes: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
 
     def mark(self, t: torch.Tensor) -> None:
         if t.device.type != "meta" and t.untyped_storage().data_ptr() != 0:
-            self.spikes[t.untyped_storage().data_ptr()] = weakref.ref(t)
+            self.spikes[t.untyped_storage().data_ptr()] = (weakref.ref(t), t._version)
 
     def pack(self, t: torch.Tensor) -> Any:
         if t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta" or not t.is_floating_point():
@@ -51,9 +53,10 @@ class _SpikeBits:
         ptr = t.untyped_storage().data_ptr()
         if ptr == 0:  # no real storage (meta, fake tensors): addresses say nothing
             return t
-        ref = self.spikes.get(ptr)
-        s = ref() if ref is not None else None
-        if s is not None and s.untyped_storage().data_ptr() == ptr and s.device == t.device and s.dtype == t.dtype:
+        entry = self.spikes.get(ptr)
+        s = entry[0]() if entry is not None else None
+        if (s is not None and s.untyped_storage().data_ptr() == ptr and s.device == t.device and s.dtype == t.dtype
+                and t._version == entry[1]):
             return _Packed(t)
         return t
 
