@@ -294,6 +294,8 @@ def to_nir(snn: nn.Module, input_shape: tuple[int, ...] | None = None):
             nodes["output"] = nir.Output(output_type={"output": np.array(shapes[node.args[0].name])})
             connect(node.args[0], "output", "the output")
             continue
+        if node.op in ("call_method", "call_function") and node.name not in shapes:
+            continue  # not a tensor (x.size(0), x.shape[0]): only an argument of a view/reshape below
         if node.op == "call_function" and node.target in (operator.add, torch.add):
             a, b = node.args[:2]
             if len(node.args) > 2 or node.kwargs or not all(isinstance(v, torch.fx.Node) for v in (a, b)):

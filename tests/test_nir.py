@@ -222,3 +222,21 @@ def test_export_nir_command_writes_a_students_run(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lasnn", "export-nir", "--run", str(tmp_path / "nope"), "--out",
                         str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "export-nir: error" in r.stderr
+
+
+def test_flatten_written_as_a_view_exports_too():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.fc = nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(2 * 6 * 6, 3)
+
+        def forward(self, x):
+            x = self.act(self.conv(x))
+            return self.fc(x.view(x.size(0), -1))
+
+    snn = lasnn.spikify(Net(), T=2).eval()
+    g = lasnn.to_nir(snn, (1, 8, 8))
+    assert any(isinstance(n, nir.Flatten) for n in g.nodes.values())
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lasnn.from_nir(g)(x), snn(x))
