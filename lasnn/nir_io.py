@@ -25,12 +25,15 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.fx
 from torch import nn
+
+if TYPE_CHECKING:
+    from lasnn.nn.spikify import SNN
 
 __all__ = ["NIRBody", "NIRExportError", "from_nir", "register", "to_nir"]
 
@@ -215,7 +218,7 @@ def _merge_pool_flatten_linear(node, pool: nn.Module, in_shape, modules, dtype):
 
 
 @torch.no_grad()
-def to_nir(snn: nn.Module, input_shape: tuple[int, ...] | None = None):
+def to_nir(snn: nn.Module, input_shape: tuple[int, ...] | None = None) -> Any:
     """Export a spiking network to a ``nir.NIRGraph`` (dt = 1; see the module docstring for the mapping).
 
     Batch norms are folded into the conv/linear before them (eval-mode statistics); conv/linear become
@@ -493,7 +496,7 @@ def _from_node(nir, node: Any, name: str, dt: float, T: int) -> nn.Module:
                          "Linear, Conv1d, Conv2d, AvgPool2d, Flatten, LIF and IF")
 
 
-def from_nir(graph: Any, *, T: int | None = None):
+def from_nir(graph: Any, *, T: int | None = None) -> SNN:
     """Build a lasnn SNN from a ``nir.NIRGraph`` that uses the node types ``to_nir`` writes.
 
     Args:
@@ -556,7 +559,7 @@ def from_nir(graph: Any, *, T: int | None = None):
     return SNN(body, T, DirectEncoder(T), input_dims=len(in_shape) + 1).eval()
 
 
-def _cmd_export(args) -> int:
+def _cmd_export(args: Any) -> int:
     import sys
 
     from lasnn.distill import load_run
@@ -580,7 +583,7 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: Any) -> None:
     """Add ``export-nir`` to the ``lasnn`` command line."""
     p = subparsers.add_parser(
         "export-nir", help="write a student run's SNN as a NIR graph (for other simulators and hardware)",
