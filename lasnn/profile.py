@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lasnn.checks import check_float
 from lasnn.nn.spikify import SNN, FoldedNeuron
-from lasnn.ops._common import check_float
 
 __all__ = ["E_AC_PJ", "E_MAC_PJ", "LayerProfile", "Profile", "profile"]
 

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lasnn.checks import check_float
 from lasnn.convert.fold import fold_batchnorm
 from lasnn.nn.neurons import count_spikes
 from lasnn.nn.qcfs import QCFS
 from lasnn.nn.spikify import SNN, FoldedNeuron, spikify
-from lasnn.ops._common import check_float
 from lasnn.ops.lif import lif
 
 __all__ = ["METHODS", "ConvertedSNN", "IFNeuron", "calibrate_thresholds", "convert"]

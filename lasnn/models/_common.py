@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lasnn.ops._common import check_float
+from lasnn.checks import check_float
 
 
 def check_width(width: object) -> float:

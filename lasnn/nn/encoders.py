@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lasnn.ops._common import check_tensor
+from lasnn.checks import check_tensor
 
 __all__ = ["DirectEncoder", "PoissonEncoder", "check_T"]
 

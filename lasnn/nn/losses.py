@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lasnn.ops._common import check_float
+from lasnn.checks import check_float
 from lasnn.ops.attention import TIME_REDUCE, attention_loss, kd_loss
 
 __all__ = ["AttentionTransferLoss", "KDLoss"]

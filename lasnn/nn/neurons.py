@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from lasnn.ops._common import check_float
+from lasnn.checks import check_float
 from lasnn.ops.lif import lif
 from lasnn.reference.lif import SURROGATES
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lasnn.ops._common import check_float
+from lasnn.checks import check_float
 
 __all__ = ["QCFS"]
 

@@ -1,45 +1,14 @@
-"""Pieces shared by the public ops: argument checks (messages name the argument and what was
-expected) and the registration of each op's fake kernels and Triton ops."""
+"""Pieces shared by the public ops: the registration of each op's fake kernels and Triton ops (the
+argument checks live in ``lasnn.checks``, shared with every other layer)."""
 
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 
 import torch
 
 from lasnn import _ext
-
-
-def check_tensor(name: str, t: object, *, min_dim: int = 0, dims: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Require a floating-point tensor; raise TypeError/ValueError naming ``name`` otherwise."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
-    if dims is not None and t.dim() not in dims:
-        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
-    if t.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
-    return t
-
-
-def check_float(name: str, value: object, *, positive: bool = False, allow_inf: bool = False) -> float:
-    """Require a real number (not NaN; finite unless ``allow_inf``; > 0 if ``positive``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = float(value)
-        else:
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    v = float(value)
-    if math.isnan(v):
-        raise ValueError(f"{name} must not be NaN")
-    if math.isinf(v) and not (allow_inf and v > 0):
-        raise ValueError(f"{name} must be finite{' or +inf' if allow_inf else ''}, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    return v
 
 
 def register_op_pair(

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from lasnn import backends
-from lasnn.ops._common import check_float, check_tensor, register_op_pair
+from lasnn.checks import check_float, check_tensor
+from lasnn.ops._common import register_op_pair
 from lasnn.reference.attention import (
     attention_map_raw_reference,
     compute_dtype,

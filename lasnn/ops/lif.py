@@ -14,7 +14,8 @@ import math
 import torch
 
 from lasnn import backends
-from lasnn.ops._common import check_float, check_tensor, register_op_pair
+from lasnn.checks import check_float, check_tensor
+from lasnn.ops._common import register_op_pair
 from lasnn.reference.lif import SURROGATES, lif_reference
 
 __all__ = ["LIFFunction", "lif"]
