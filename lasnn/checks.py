@@ -31,9 +31,11 @@ def check_float(name: str, value: object, *, positive: bool = False, allow_inf: 
         else:
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     v = float(value)
-    if math.isnan(v):
+    # comparisons, not math.isnan/isinf: under torch.compile(dynamic=True) a float argument is symbolic, and
+    # Dynamo traces comparisons (as guards) but not the math functions
+    if v != v:
         raise ValueError(f"{name} must not be NaN")
-    if math.isinf(v) and not (allow_inf and v > 0):
+    if abs(v) == math.inf and not (allow_inf and v > 0):
         raise ValueError(f"{name} must be finite{' or +inf' if allow_inf else ''}, got {v}")
     if positive and v <= 0:
         raise ValueError(f"{name} must be > 0, got {v}")

@@ -434,6 +434,25 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(g, g_e)
 
 
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no CPU kernel")
+def test_torch_compile_inductor_dynamic_two_sizes_without_recompiling():
+    def f(a, b):
+        return lasnn.attention_loss(a, b, time_reduce="mean", backend="cpu")
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    for i, (shape, tshape) in enumerate((((4, 2, 6, 8, 8), (2, 5, 4, 4)), ((4, 3, 6, 8, 8), (3, 5, 4, 4)))):
+        s = _spikes(*shape, seed=20 + i).requires_grad_()
+        t = _randn(*tshape, seed=30 + i)
+        with torch._dynamo.config.patch(error_on_recompile=bool(i)):
+            loss = cf(s, t)
+        (g,) = torch.autograd.grad(loss, s)
+        loss_e = f(s, t)
+        (g_e,) = torch.autograd.grad(loss_e, s)
+        torch.testing.assert_close(loss, loss_e)
+        torch.testing.assert_close(g, g_e)
+
+
 # ------------------------------------------------------------------------------------------------
 # Modules, KD loss, backend selection
 

@@ -6,6 +6,7 @@ Triton runs on CPU under ``TRITON_INTERPRET=1`` (set before import), CUDA on a G
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -482,3 +483,27 @@ def test_cpu_isa_paths_agree(tmp_path):
                 f"{isa} vs default, output {k}: {bad.numel()} values differ, e.g. {a[~nan][bad[:4]].tolist()} vs "
                 f"{b[~nan][bad[:4]].tolist()}"
             )
+
+
+def test_torch_compile_dynamic_two_sizes_without_recompiling():
+    # Inductor, fullgraph, dynamic shapes: the fake kernels must describe any size, so a second size
+    # reuses the graph (no recompile) and both match eager, gradients included.
+    torch._dynamo.reset()
+
+    def f(x, v0):
+        s, v = lasnn.lif(x * 1.5, v0, return_v=True, surrogate="sigmoid")
+        return s.sum(0) + v
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for i, shape in enumerate(((6, 16), (5, 24))):
+        x = make_currents(4, shape, seed=5 + i)
+        v0 = torch.rand(*shape)
+        xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        eager = f(xe, v0)
+        ctx = torch._dynamo.config.patch(error_on_recompile=True) if i else contextlib.nullcontext()
+        with ctx:
+            out = compiled(xc, v0)
+        torch.testing.assert_close(out, eager)
+        eager.sum().backward()
+        out.sum().backward()
+        torch.testing.assert_close(xc.grad, xe.grad)

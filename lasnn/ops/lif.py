@@ -153,7 +153,8 @@ def lif(
         v2d = None if v_init is None else v_init.reshape(-1)
         spikes, v_last = LIFFunction.apply(
             x2d, v2d, tau, v_threshold, 0.0 if v_reset is None else v_reset, v_reset is None,
-            bool(decay_input) and not math.isinf(tau), bool(detach_reset), SURROGATES[surrogate], alpha, name,
+            # tau != inf rather than math.isinf(tau): traceable when torch.compile(dynamic=True) makes tau symbolic
+            bool(decay_input) and tau != math.inf, bool(detach_reset), SURROGATES[surrogate], alpha, name,
         )
         spikes = spikes.view(x_seq.shape)
         v_last = v_last.view(x_seq.shape[1:])
