@@ -762,3 +762,18 @@ def test_low_memory_saves_a_spike_tensor_changed_in_place_as_is():
     snn = spikify(ann, T=2, neuron=LIF(v_threshold=0.1)).train()
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
     assert all(torch.equal(a, b) for a, b in zip(_grads(snn, x, y, False), _grads(snn, x, y, True), strict=True))
+
+
+def test_torch_compile_dynamic_batch_sizes_without_recompiling():
+    # a spikify'd model, fullgraph and dynamic shapes: a second batch size reuses the graph
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    snn = spikify(ann, T=2).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(snn, backend="aot_eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for i, b in enumerate((4, 7)):
+            x = 2 * torch.randn(b, 1, 8, 8)
+            with torch._dynamo.config.patch(error_on_recompile=bool(i)):
+                y = compiled(x)
+            torch.testing.assert_close(y, snn(x))
