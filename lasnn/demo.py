@@ -69,7 +69,7 @@ DEMO_RECIPES: dict[str, DemoRecipe] = {
     "mnist1d": DemoRecipe(20, 30, 64),
     "digits": DemoRecipe(10, 10, 64),
     # Logit KD (joint, beta=0) is the recipe measured to beat direct training here: +1.54 +- 0.11 points
-    # over 3 seeds; the layer-wise and attention recipes were not measured on this data set.
+    # over 3 seeds; adding the attention term (beta=100) costs 0.26 +- 0.02 of that; layer-wise not measured.
     "fashionmnist": DemoRecipe(8, 8, 128, schedule="joint", stage_epochs=None, beta=0.0, sweep_samples=2000),
     "synthetic": DemoRecipe(2, 4, 64),
 }
