@@ -24,9 +24,7 @@ Each row records in ``extra_info``:
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 
 import pytest
 import torch
@@ -63,32 +61,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _peak_bytes(fn) -> int:
-    """Peak of live bytes allocated above the starting point while ``fn`` runs."""
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    # CPU: the profiler reports, with every allocation and free, the running total of bytes allocated
-    # while it records; its maximum minus the total before the first event is the peak.
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    mem = [e["args"] for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
-    if not mem:
-        return 0
-    base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
-    return max(m["Total Allocated"] for m in mem) - base
-
-
-def _peaks(backend: str, time_reduce: str, s: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
+def _peaks(peak_bytes, backend: str, time_reduce: str, s: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
     student_bytes = s.numel() * s.element_size()
 
     def fwd():
@@ -99,7 +72,7 @@ def _peaks(backend: str, time_reduce: str, s: torch.Tensor, t: torch.Tensor) -> 
         loss = lasnn.attention_loss(s, t, time_reduce=time_reduce, backend=backend)
         torch.autograd.grad(loss, s)
 
-    pf, pfb = _peak_bytes(fwd), _peak_bytes(fwdbwd)
+    pf, pfb = peak_bytes(fwd, DEVICE), peak_bytes(fwdbwd, DEVICE)
     return dict(
         student_bytes=student_bytes,
         peak_fwd_bytes=pf,
@@ -112,7 +85,7 @@ def _peaks(backend: str, time_reduce: str, s: torch.Tensor, t: torch.Tensor) -> 
 @pytest.mark.parametrize("time_reduce", ["mean", "per_step"])
 @pytest.mark.parametrize("case", list(TEACHERS))
 @pytest.mark.parametrize("backend", _backends())
-def test_attention_loss_fwd_bwd(benchmark, record, backend, case, time_reduce):
+def test_attention_loss_fwd_bwd(benchmark, record, peak_bytes, backend, case, time_reduce):
     s, t = _inputs(case)
     device = torch.device(DEVICE)
 
@@ -141,5 +114,5 @@ def test_attention_loss_fwd_bwd(benchmark, record, backend, case, time_reduce):
         # when a fresh gradient buffer is first written, which weighs on every row's backward on CPU.
         thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         **extra,
-        **_peaks(backend, time_reduce, s, t),
+        **_peaks(peak_bytes, backend, time_reduce, s, t),
     )

@@ -23,9 +23,7 @@ sizes of a row ran, ``bytes_per_sample`` (the slope between them: activation mem
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 
 import pytest
 import torch
@@ -102,30 +100,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _peak_bytes(fn) -> int:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    mem = [e["args"] for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
-    if not mem:
-        return 0
-    return max(m["Total Allocated"] for m in mem) - (mem[0]["Total Allocated"] - mem[0]["Bytes"])
-
-
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("row", ROWS)
-def test_train_step(benchmark, bench_info, row, batch):
+def test_train_step(benchmark, bench_info, peak_bytes, row, batch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(DEVICE)
     y = torch.randint(0, 10, (batch,), generator=g).to(DEVICE)
@@ -140,7 +117,7 @@ def test_train_step(benchmark, bench_info, row, batch):
         _sync()
 
     step()  # momentum buffers exist before the peak is taken: every later step looks like this one
-    peak = _peak_bytes(step)
+    peak = peak_bytes(step, DEVICE)
     benchmark.group = f"train step T={T} batch {batch}"
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     _peaks[(row, batch)] = peak

@@ -354,10 +354,9 @@ def to_nir(snn: nn.Module, input_shape: tuple[int, ...] | None = None) -> Any:
                 nodes[name] = cls(input_shape=spatial, weight=_dense_groups(w, m.groups), stride=np.array(m.stride),
                                   padding=np.array(m.padding), dilation=np.array(m.dilation), groups=1, bias=b)
         elif isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-            adaptive = isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d))
-            merged = _merge_pool_flatten_linear(node, m, in_shape, modules, dtype) \
-                if adaptive and not _plain_adaptive(m, in_shape) else None
-            if merged is None and adaptive and not _plain_adaptive(m, in_shape):
+            uneven = isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)) and not _plain_adaptive(m, in_shape)
+            merged = _merge_pool_flatten_linear(node, m, in_shape, modules, dtype) if uneven else None
+            if merged is None and uneven:
                 raise NIRExportError(f"to_nir: {where}: {type(m).__name__}({m.output_size}) on a {in_shape[1:]} map "
                                      "is not a plain average pool (the output size must divide the input size) "
                                      "and is not followed by flatten -> linear, into which it could be merged")
