@@ -9,11 +9,9 @@ size (``copy_gbps``) and the ratio, the device name and library versions.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -21,6 +19,7 @@ import pytest
 import torch
 
 from lasnn import _ext
+from lasnn.testing import peak_allocated_bytes
 
 
 def pytest_addoption(parser):
@@ -164,33 +163,6 @@ def record(benchmark, bench_info, dram_copy_gbps):
         )
 
     return _record
-
-
-def peak_allocated_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
-    """Peak of live bytes allocated above the starting point while ``fn`` runs on ``device``.
-
-    GPU: ``torch.cuda.max_memory_allocated``. CPU: the profiler reports, with every allocation and free,
-    the running total of bytes allocated while it records; its maximum minus the total before the first
-    event is the peak.
-    """
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    mem = [e["args"] for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
-    if not mem:
-        return 0
-    return max(m["Total Allocated"] for m in mem) - (mem[0]["Total Allocated"] - mem[0]["Bytes"])
 
 
 @pytest.fixture

@@ -15,7 +15,11 @@ Conventions (see DESIGN.md, "Tests"):
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +34,7 @@ __all__ = [
     "backend_device",
     "cuda_available",
     "make_currents",
+    "peak_allocated_bytes",
     "skip_unless_backend",
     "spike_rate",
     "tolerance",
@@ -294,3 +299,30 @@ def spike_rate(spikes: torch.Tensor) -> float:
     """Fraction of 1s in a spike tensor (NaN-free), for sanity checks of the input factories."""
     n = spikes.numel()
     return float(spikes.detach().float().sum().item() / n) if n else math.nan
+
+
+def peak_allocated_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Peak of live bytes allocated above the starting point while ``fn`` runs on ``device``.
+
+    GPU: ``torch.cuda.max_memory_allocated``. CPU: the profiler reports, with every allocation and free,
+    the running total of bytes allocated while it records; its maximum minus the total before the first
+    event is the peak.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mem = [e["args"] for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    if not mem:
+        return 0
+    return max(m["Total Allocated"] for m in mem) - (mem[0]["Total Allocated"] - mem[0]["Bytes"])

@@ -720,18 +720,10 @@ def test_low_memory_bptt_gives_bit_identical_gradients_and_saves_memory(name, kw
 
     # memory: peak bytes allocated during forward + backward, from the profiler's allocator events
     def peak(low: bool) -> int:
-        import json
-        import tempfile
-        from pathlib import Path
+        from lasnn.testing import peak_allocated_bytes
 
         snn.low_memory = low
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            F.cross_entropy(snn(x), y).backward()
-        with tempfile.TemporaryDirectory() as d:
-            prof.export_chrome_trace(str(Path(d) / "t.json"))
-            events = json.loads((Path(d) / "t.json").read_text())["traceEvents"]
-        mem = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-        return max(m["Total Allocated"] for m in mem) - (mem[0]["Total Allocated"] - mem[0]["Bytes"])
+        return peak_allocated_bytes(lambda: F.cross_entropy(snn(x), y).backward(), "cpu")
 
     assert peak(True) < 0.85 * peak(False)
 
