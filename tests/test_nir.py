@@ -17,16 +17,21 @@ from lasnn.nir_io import NIRExportError
 nir = pytest.importorskip("nir", reason="NIR export tests need `pip install nir`")
 
 
-def _student(name: str, T: int = 4, seed: int = 0, **kw) -> lasnn.nn.SNN:
+def _student(name: str, shape: tuple[int, ...], T: int = 4, seed: int = 0, **kw) -> lasnn.nn.SNN:
+    """A random zoo student whose every layer fires: batch-norm statistics measured on random input (so
+    folding is exercised with real statistics), affine parameters that put a good share above threshold."""
     torch.manual_seed(seed)
     ann = create(name, **kw)
-    for m in ann.modules():  # batch-norm statistics other than the identity, so folding is exercised
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return lasnn.spikify(ann, T=T).eval()
+    bns = [m for m in ann.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    for m in bns:
+        m.weight.data.uniform_(1.0, 2.0)
+        m.bias.data.uniform_(0.0, 0.5)
+        m.momentum = None  # cumulative average over the calibration batches
+    snn = lasnn.spikify(ann, T=T).train()
+    with torch.no_grad():
+        for _ in range(2):
+            snn(torch.randn(16, *shape))
+    return snn.eval()
 
 
 def _arrays(node) -> dict[str, np.ndarray]:
@@ -49,7 +54,7 @@ CASES = [("fashion_cnn_small", {}, (1, 28, 28)), ("mnist1d_cnn_small", {}, (1, 4
 
 @pytest.mark.parametrize("name,kw,shape", CASES, ids=[c[0] for c in CASES])
 def test_round_trip_through_a_file_gives_the_same_spikes_and_logits(name, kw, shape, tmp_path):
-    snn = _student(name, **kw)
+    snn = _student(name, shape, **kw)
     graph = lasnn.to_nir(snn, shape)
     assert graph.metadata["dt"] == 1.0 and graph.metadata["T"] == 4
     assert not any(isinstance(n, nir.NIRNode) and type(n).__name__.startswith("Batch") for n in graph.nodes.values())
@@ -59,8 +64,11 @@ def test_round_trip_through_a_file_gives_the_same_spikes_and_logits(name, kw, sh
     x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = snn(x, return_steps=True), back(x, return_steps=True)
-    # batch norm is folded in the export (not bit for bit the unfolded arithmetic); same predictions
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # batch norm is folded in the export, not bit for bit the unfolded arithmetic: a membrane within
+    # rounding of the threshold may flip a spike (it does in the residual net), so: same predictions, and
+    # outputs equal but for such rare flips (exactness is checked below, and on dyadic graphs)
+    assert min(_rates(snn, x)) > 0.01
+    assert (got - want).abs().mean() < 1e-3 and (~torch.isclose(got, want, rtol=1e-5, atol=1e-5)).float().mean() < 0.1
     assert torch.equal(got.mean(0).argmax(1), want.mean(0).argmax(1))
     # lasnn -> NIR -> lasnn -> NIR is exact: the same graph, array for array
     _same_graph(graph, lasnn.to_nir(back))
@@ -137,34 +145,34 @@ def test_from_nir_refuses_recurrence_and_non_uniform_neurons():
     assert lasnn.from_nir(graph([2.0] * 3, chain), T=3).T == 3
 
 
-def test_spikingjelly_runs_the_exported_student_like_lasnn():
+def _spikingjelly(graph):
     sj = pytest.importorskip("spikingjelly.activation_based.nir_exchange", reason="SpikingJelly 2.0 not installed")
-    for name, shape in (("fashion_cnn_small", (1, 28, 28)), ("resnet20", (3, 32, 32))):
-        kw = {"width": 0.25} if name == "resnet20" else {}
-        snn = _student(name, **kw)
-        graph = lasnn.to_nir(snn, shape)
-        # dt=1.0: our graph's time unit (SpikingJelly's importer defaults to 1e-4 s)
-        net = sj.import_from_nir(graph, dt=1.0, step_mode="m")
-        x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(2))
+    # dt=1.0: our graph's time unit (SpikingJelly's importer defaults to 1e-4 s)
+    net = sj.import_from_nir(graph, dt=1.0, step_mode="m")
+
+    def run(x: torch.Tensor, T: int) -> torch.Tensor:
+        from spikingjelly.activation_based import functional
+
+        functional.reset_net(net)
         with torch.no_grad():
-            want = snn(x, return_steps=True)
-            got, _ = net(x.unsqueeze(0).expand(4, *x.shape).contiguous())
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert torch.equal(got.mean(0).argmax(1), want.mean(0).argmax(1))
+            return net(x.unsqueeze(0).expand(T, *x.shape).contiguous())[0]
+
+    return run
 
 
-def test_snntorch_runs_the_exported_student_like_lasnn():
+def _snntorch(graph):
     snntorch = pytest.importorskip("snntorch", reason="snnTorch not installed")
     nirtorch = pytest.importorskip("nirtorch", reason="nirtorch not installed")
     from snntorch import utils as sutils
 
     # snnTorch 1.0.0's importer assumes dt = 1e-4 s, reads NIR's Flatten dims as torch's (batch included)
     # and maps nir.IF to a leaky neuron; so this node map says what our graph means. Its Leaky neuron is
-    # mem <- beta * mem + I with the input unscaled: our LIF (decay_input) V <- V + (I - V) / tau is the
-    # same with mem = tau * V, so threshold tau * v_th and zero reset (exact for tau = 2).
+    # mem <- beta * mem + I with the input unscaled; the graph's LIF (dt = 1, zero leak and reset) is
+    # V <- V + (r I - V) / tau, the same with mem = (tau / r) V: beta = 1 - 1/tau, threshold (tau / r) v_th,
+    # zero reset (r = 1 for decay_input, r = tau without; exact when tau / r is a power of two).
     def lif(node):
-        tau = float(node.tau.flat[0])
-        return snntorch.Leaky(beta=1 - 1 / tau, threshold=tau * float(node.v_threshold.flat[0]),
+        tau, r = float(node.tau.flat[0]), float(node.r.flat[0])
+        return snntorch.Leaky(beta=1 - 1 / tau, threshold=tau / r * float(node.v_threshold.flat[0]),
                               reset_mechanism="zero", init_hidden=True, reset_delay=False)
 
     def flatten(node):
@@ -185,19 +193,111 @@ def test_snntorch_runs_the_exported_student_like_lasnn():
         return nn.AvgPool2d(tuple(node.kernel_size), tuple(node.stride), tuple(node.padding))
 
     node_map = {nir.LIF: lif, nir.Flatten: flatten, nir.Conv2d: conv, nir.Affine: affine, nir.AvgPool2d: pool}
-    snn = _student("fashion_cnn_small")
-    net = nirtorch.nir_to_torch(lasnn.to_nir(snn, (1, 28, 28)), node_map)
+    net = nirtorch.nir_to_torch(graph, node_map)
+
+    def run(x: torch.Tensor, T: int) -> torch.Tensor:
+        sutils.reset(net)
+        steps, state = [], None
+        with torch.no_grad():
+            for _ in range(T):  # nirtorch's module returns (output, state); the neurons also keep their own
+                out, state = net(x, state)
+                steps.append(out)
+        return torch.stack(steps)
+
+    return run
+
+
+def test_spikingjelly_runs_the_exported_student_like_lasnn():
+    for name, shape in (("fashion_cnn_small", (1, 28, 28)), ("resnet20", (3, 32, 32))):
+        kw = {"width": 0.25} if name == "resnet20" else {}
+        snn = _student(name, shape, **kw)
+        run = _spikingjelly(lasnn.to_nir(snn, shape))
+        x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            want = snn(x, return_steps=True)
+        got = run(x, 4)
+        assert min(_rates(snn, x)) > 0.01, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.mean(0).argmax(1), want.mean(0).argmax(1))
+
+
+def test_snntorch_runs_the_exported_student_like_lasnn():
+    snn = _student("fashion_cnn_small", (1, 28, 28))
+    run = _snntorch(lasnn.to_nir(snn, (1, 28, 28)))
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-    sutils.reset(net)
     with torch.no_grad():
         want = snn(x, return_steps=True)
-        steps, state = [], None
-        for _ in range(4):  # nirtorch's module returns (output, state); the neurons also keep their own
-            out, state = net(x, state)
-            steps.append(out)
-        got = torch.stack(steps)
+    assert min(_rates(snn, x)) > 0.01
     # snnTorch fires on mem > threshold, lasnn on >=: the same wherever no membrane lands on the threshold
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(x, 4), want, rtol=1e-5, atol=1e-5)
+
+
+def _rates(snn: lasnn.nn.SNN, x: torch.Tensor) -> list[float]:
+    """Firing rate of each spiking site of ``snn`` on ``x`` (a comparison means nothing if a layer is silent)."""
+    rates: list[float] = []
+    hooks = [m.register_forward_hook(lambda m, a, out: rates.append(out.float().mean().item()))
+             for m in snn.modules() if isinstance(m, lasnn.nn.FoldedNeuron)]
+    with torch.no_grad():
+        snn(x)
+    for h in hooks:
+        h.remove()
+    return rates
+
+
+def _dyadic(graph, bits: int = 6):
+    """``graph`` with every weight and bias rounded to a multiple of 2^-bits, and thresholds off that grid.
+
+    Then every sum, product and membrane update in any of the simulators is exact in fp32 whatever its
+    summation order, so they must agree bit for bit; the threshold 1 + 2^-16 lies between the membranes'
+    grid points, so ``>=`` (lasnn, SpikingJelly) and ``>`` (snnTorch, NIR's text) fire alike.
+    """
+    q = float(2**bits)
+    for node in graph.nodes.values():
+        for field in ("weight", "bias"):
+            a = getattr(node, field, None)
+            if isinstance(a, np.ndarray) and not isinstance(node, nir.AvgPool2d):
+                setattr(node, field, (np.round(a * q) / q).astype(a.dtype))
+        if isinstance(node, nir.LIF):
+            node.v_threshold = np.full_like(node.v_threshold, 1 + 2.0**-16)
+    return graph
+
+
+def test_simulators_agree_bit_for_bit_on_dyadic_weights_and_inputs():
+    snn = _student("fashion_cnn_small", (1, 28, 28))
+    graph = _dyadic(lasnn.to_nir(snn, (1, 28, 28)))
+    ours = lasnn.from_nir(graph).eval()
+    # inputs on a 1/4 grid; scaled up so that every layer fires (the rounded weights are small)
+    x = torch.randint(-12, 13, (16, 1, 28, 28), generator=torch.Generator().manual_seed(4)).float() / 4
+    with torch.no_grad():
+        want = ours(x, return_steps=True)
+    assert min(_rates(ours, x)) > 0.01
+    assert torch.equal(_spikingjelly(graph)(x, 4), want)
+    assert torch.equal(_snntorch(graph)(x, 4), want)
+
+
+def test_a_trained_student_predicts_the_same_everywhere_on_the_digits_test_set(tmp_path):
+    from lasnn.data import load_dataset
+    from lasnn.distill import load_run, train_snn
+
+    run = tmp_path / "digits"
+    train_snn(out=run, dataset="digits", epochs=3, T=4, batch_size=64, quiet=True)
+    model = load_run(run).model.eval()
+    ds = load_dataset("digits")
+    x = ds.normalize(ds.x_test)  # all 360 test images
+    graph = lasnn.to_nir(model, tuple(x.shape[1:]))
+    with torch.no_grad():
+        steps = model(x, return_steps=True)
+        pred = steps.mean(0).argmax(1)
+        assert (pred == ds.y_test).float().mean() > 0.5  # a trained student, not chance
+    assert min(_rates(model, x)) > 0.01
+    with torch.no_grad():
+        folded = lasnn.from_nir(graph)(x, return_steps=True)
+        assert torch.equal(folded.mean(0).argmax(1), pred)
+    for name, run_graph in (("SpikingJelly", _spikingjelly), ("snnTorch", _snntorch)):
+        got = run_graph(graph)(x, 4)
+        assert torch.equal(got.mean(0).argmax(1), pred), name
+        # the same folded graph as lasnn's import: equal up to summation order
+        torch.testing.assert_close(got, folded, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_export_nir_command_writes_a_students_run(tmp_path):

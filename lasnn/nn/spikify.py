@@ -86,7 +86,7 @@ _CONV_DIMS = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}
 
 
 def default_neuron() -> LIF:
-    """The LaSNN neuron (METHODS.md): ``V <- 0.5 V + X``, threshold 1, hard reset to 0, triangle surrogate α=1."""
+    """The LaSNN neuron: ``V <- 0.5 V + X``, threshold 1, hard reset to 0, triangle surrogate α=1."""
     return LIF(tau=2.0, v_threshold=1.0, v_reset=0.0, decay_input=False, surrogate="triangle", alpha=1.0)
 
 

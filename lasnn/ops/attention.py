@@ -213,7 +213,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     Args:
         student_logits: ``[B, K]`` or ``[T, B, K]`` (a spiking network's per-step logits, averaged over T first).
         teacher_logits: ``[B, K]``.
-        temperature: τ > 0 (4 in METHODS.md).
+        temperature: τ > 0 (LaSNN uses 4).
     Returns:
         scalar, fp32 for fp16/bf16/fp32 logits (fp64 for fp64). Gradients reach both inputs.
     """
