@@ -649,6 +649,17 @@ def test_features_errors_and_tap():
     assert y.shape == (2, 10) and list(tap.features) == ["layer2"]
     assert tap.features["layer2"].shape == (2, 2, 8, 16, 16)
     assert not snn.body.layer2._forward_hooks  # hooks removed on exit
+    feats = tap.pop()
+    assert feats["layer2"].shape == (2, 2, 8, 16, 16) and tap.features == {}  # popped: nothing kept alive
+    # the distillation trainer's tap is this one, returning (logits, [features]) in the asked order
+    from lasnn.distill.taps import TappedModel
+
+    tapped = TappedModel(snn, ["layer3", "layer1"])
+    logits, (f3, f1) = tapped(x)
+    assert torch.equal(logits, snn(x)) and f3.shape == (2, 2, 16, 8, 8) and f1.shape == (2, 2, 4, 32, 32)
+    assert not snn.body.layer1._forward_hooks and tapped._tap.features == {}
+    with pytest.raises(ValueError, match="unknown stage"):
+        TappedModel(snn, ["layer9"])
 
 
 def test_count_spikes_is_exact_beyond_float32_integers():

@@ -1,8 +1,8 @@
-"""Stage-feature taps for distillation: logits and named stage outputs from one forward pass.
+"""Stage features for distillation: logits and named stage outputs from one forward pass.
 
-Zoo models name their stages in ``model.feature_layers`` (stage name -> module path), and a spikify'd
-SNN exposes the same names over its ``body``. ``lasnn.features`` returns only the features; the trainer
-also needs the logits of the same pass, so it hooks the stage modules itself (one forward, not two).
+The taps themselves are :class:`lasnn.FeatureTap` (``lasnn/models/features.py``); here they are wrapped
+as a module that returns ``(logits, features)`` (so DistributedDataParallel can wrap it), and used to pair
+student and teacher stages and to find the parameters a stage depends on.
 """
 
 from __future__ import annotations
@@ -13,31 +13,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["TappedModel", "match_pairs", "parameters_reaching", "stage_modules"]
+from lasnn.models.features import FeatureTap, stage_layers
+
+__all__ = ["TappedModel", "match_pairs", "parameters_reaching"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def stage_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Stage name -> module whose output is that stage (ANN zoo models and spikify'd SNNs alike)."""
-    model = _unwrap(model)
-    layers = getattr(model, "feature_layers", None)
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} names no stage outputs (no feature_layers); distillation needs zoo models "
-            "(lasnn.models) or models defining feature_layers = {stage name: module path}"
-        )
-    root = model.body if hasattr(model, "body") and hasattr(model, "encoder") else model
-    return {name: root.get_submodule(path) for name, path in layers.items()}
-
-
 class TappedModel(nn.Module):
     """Wraps a model so that ``forward(x)`` returns ``(logits, [stage features in `names` order])``.
 
     ANN features are ``[B, C, *S]``; SNN features (a spikify'd model, time folded inside) are returned as
-    ``[T, B, C, *S]``. DistributedDataParallel wraps this module, so gradients of the features and of the
+    ``[T, B, C, *S]``. The hooks are live only inside this wrapper's forward (plain calls of the model
+    record nothing). DistributedDataParallel wraps this module, so gradients of the features and of the
     logits are synchronised together.
     """
 
@@ -45,45 +35,14 @@ class TappedModel(nn.Module):
         super().__init__()
         self.model = model
         self.names = list(names)
-        mods = stage_modules(model)
-        missing = [n for n in self.names if n not in mods]
-        if missing:
-            raise ValueError(f"unknown stage(s) {missing} for {type(model).__name__}; it has {list(mods)}")
-        self._captured: dict[str, torch.Tensor] = {}
-        self._armed = False  # hooks record only inside this wrapper's forward (not in plain model calls)
-        self._handles = [mods[n].register_forward_hook(self._hook(n)) for n in self.names]
-        self.is_snn = hasattr(model, "encoder") and hasattr(model, "body")
-
-    def _hook(self, name: str):
-        def hook(_module, _inputs, output):
-            if self._armed:
-                self._captured[name] = output
-
-        return hook
+        self._tap = FeatureTap(_unwrap(model), self.names)  # raises for unknown stage names
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x: ``[B, ...]`` -> ``(logits [B, classes], features)``."""
-        self._captured = {}
-        self._armed = True
-        try:
+        with self._tap:
             logits = self.model(x)
-        finally:
-            self._armed = False
-        feats = []
-        for n in self.names:
-            f = self._captured[n]
-            if self.is_snn:
-                T = self.model.T if x.dim() == self.model.input_dims else x.shape[0]
-                f = f.reshape(T, f.shape[0] // T, *f.shape[1:])
-            feats.append(f)
-        self._captured = {}
-        return logits, feats
-
-    def remove(self) -> None:
-        """Detach the hooks (the wrapped model is then as before)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        feats = self._tap.pop()  # keeps no activations alive between steps
+        return logits, [feats[n] for n in self.names]
 
 
 def _spatial(shape: torch.Size, snn: bool) -> tuple[int, ...]:
@@ -94,7 +53,7 @@ def _spatial(shape: torch.Size, snn: bool) -> tuple[int, ...]:
 def stage_shapes(model: nn.Module, sample: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """Stage name -> feature shape for ``sample`` ``[B, ...]`` (a deep copy runs it, in eval mode)."""
     m = copy.deepcopy(_unwrap(model)).eval()
-    tapped = TappedModel(m, list(stage_modules(m)))
+    tapped = TappedModel(m, list(stage_layers(m)))
     _, feats = tapped(sample)
     return {n: tuple(f.shape) for n, f in zip(tapped.names, feats, strict=True)}
 

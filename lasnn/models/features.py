@@ -119,6 +119,12 @@ class FeatureTap:
             return {k: v.reshape(T, v.shape[0] // T, *v.shape[1:]) for k, v in self._raw.items()}
         return dict(self._raw)
 
+    def pop(self) -> dict[str, torch.Tensor]:
+        """Like :attr:`features`, then forget them (the tap keeps no activations alive until the next forward)."""
+        feats = self.features
+        self._raw.clear()
+        return feats
+
 
 def features(
     model: nn.Module,
