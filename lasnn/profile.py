@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from lasnn.checks import check_float
+from lasnn.nn.neurons import count_spikes
 from lasnn.nn.spikify import SNN, FoldedNeuron
 
 __all__ = ["E_AC_PJ", "E_MAC_PJ", "LayerProfile", "Profile", "profile"]
@@ -193,14 +194,17 @@ def _macs_per_item(m: nn.Module, out: torch.Tensor) -> int:
     return per_out * (m.in_channels // m.groups) * k
 
 
+def _active_rate(x: torch.Tensor) -> float:
+    """Fraction of nonzero elements of ``x`` (counted like every other spike count: ``count_spikes``)."""
+    return float(count_spikes((x != 0).to(torch.float32))) / x.numel() if x.numel() else 0.0
+
+
 def _spike_rate(x: torch.Tensor) -> float | None:
     """Fraction of nonzero elements if ``x`` holds spikes (all nonzero values equal), else None."""
     nz = x[x != 0]
-    if nz.numel() == 0:
-        return 0.0
-    if bool((nz == nz[0]).all()):
-        return nz.numel() / x.numel()
-    return None
+    if nz.numel() and not bool((nz == nz[0]).all()):
+        return None
+    return _active_rate(x)
 
 
 @torch.no_grad()
@@ -307,7 +311,7 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
         def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
             rate = _spike_rate(out)
             if rate is None:  # graded output: report the fraction of active neuron-steps
-                rate = float((out != 0).float().mean()) if out.numel() else 0.0
+                rate = _active_rate(out)
             per_sample = out.numel() // (T * B)
             neuron_ran[0] = True
             rows.append(LayerProfile(name_of(path), "neuron", "-", 0, rate, T, 0.0, 0.0, 0.0, per_sample))
