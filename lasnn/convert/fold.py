@@ -16,6 +16,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils import fusion
 
 __all__ = ["fold_batchnorm"]
 
@@ -73,20 +74,17 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
+    # torch.nn.utils.fusion's formulas, evaluated in float64 and rounded once to the layer's dtype
     w = layer.weight
-    var = bn.running_var.to(torch.float64)
-    mean = bn.running_mean.to(torch.float64)
-    scale = 1.0 / torch.sqrt(var + bn.eps)
-    shift = -mean * scale
-    if bn.affine:
-        scale = scale * bn.weight.to(torch.float64)
-        shift = shift * bn.weight.to(torch.float64) + bn.bias.to(torch.float64)
-    b = layer.bias.to(torch.float64) if layer.bias is not None else torch.zeros_like(mean)
-    new_w = w.to(torch.float64) * scale.view(-1, *([1] * (w.dim() - 1)))
-    new_b = b * scale + shift
+    d = lambda t: None if t is None else t.detach().to(torch.float64)  # noqa: E731
+    mean = d(bn.running_mean)
+    bn_w = d(bn.weight) if bn.affine else torch.ones_like(mean)
+    bn_b = d(bn.bias) if bn.affine else torch.zeros_like(mean)
+    fuse = fusion.fuse_linear_bn_weights if isinstance(layer, nn.Linear) else fusion.fuse_conv_bn_weights
+    new_w, new_b = fuse(d(w), d(layer.bias), mean, d(bn.running_var), bn.eps, bn_w, bn_b)
     layer.weight.copy_(new_w.to(w.dtype))
     if layer.bias is None:
-        layer.bias = nn.Parameter(new_b.to(w.dtype), requires_grad=w.requires_grad)
+        layer.bias = nn.Parameter(new_b.detach().to(w.dtype), requires_grad=w.requires_grad)
     else:
         layer.bias.copy_(new_b.to(w.dtype))
 

@@ -410,12 +410,14 @@ class _Trainer:
             if own and not any(p.requires_grad for p in own):
                 m.eval()
 
-    def _set_lr(self, stage_step: int, stage_steps: int) -> float:
-        # Per-step cosine from lr to 0 within the stage: a pure function of the step, so nothing to save.
-        f = 0.5 * (1.0 + math.cos(math.pi * stage_step / stage_steps))
+    def _schedule(self, stage_steps: int, start: int) -> torch.optim.lr_scheduler.LambdaLR:
+        # Per-step cosine from lr to 0 within the stage (each group at its own scale of lr), positioned at
+        # the stage step the loop starts from: the factor is a pure function of the step, so a resumed run
+        # needs no scheduler state in its checkpoint.
         for g in self.optimizer.param_groups:
-            g["lr"] = self.cfg.lr * g["scale"] * f
-        return self.cfg.lr * f
+            g["initial_lr"] = self.cfg.lr * g["scale"]
+        return torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / stage_steps)), last_epoch=start - 1)
 
     # -- losses of one batch
     # Per-batch metrics stay tensors (detached): the loop sums them on the device and reads them once per
@@ -536,9 +538,12 @@ class _Trainer:
             self.train_loader.set_epoch(epoch)
             bar = tqdm(total=self.steps_per_epoch, initial=first, disable=not show_bar, leave=False,
                        desc=f"epoch {epoch + 1}/{self.total_epochs} {stage.name}", dynamic_ncols=True)
+            if epoch == self.start_epoch or epoch_in_stage == 0:
+                self.scheduler = self._schedule(stage.epochs * self.steps_per_epoch,
+                                                epoch_in_stage * self.steps_per_epoch + first)
             lr = cfg.lr
             for step, (x, y) in enumerate(self.train_loader.iter_from(first), start=first):
-                lr = self._set_lr(epoch_in_stage * self.steps_per_epoch + step, stage.epochs * self.steps_per_epoch)
+                lr = cfg.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # recorded in the metrics
                 loss, parts, correct = self._losses(x, y, stage)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -546,6 +551,7 @@ class _Trainer:
                     params = [p for g in self.optimizer.param_groups for p in g["params"]]
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 self.optimizer.step()
+                self.scheduler.step()
                 b = y.numel()
                 a = self.accum
                 a["n"] += b
