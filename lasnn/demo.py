@@ -384,21 +384,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (must not hold a demo yet)")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist1d",
-                   help="mnist1d (default), digits, fashionmnist (apt-get install dataset-fashion-mnist, or "
+                   help="%(default)s (default), digits, fashionmnist (apt-get install dataset-fashion-mnist, or "
                         "--data-dir); cifar10/cifar100/tinyimagenet with --data-dir (GPU advised)")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="data folder for the file-based data sets")
-    p.add_argument("--T", dest="T", type=_positive_int, default=4, help="time steps of the students (default 4)")
+    p.add_argument("--T", dest="T", type=_positive_int, default=4,
+                   help="time steps of the students (default %(default)s)")
     p.add_argument("--T-max", dest="T_max", type=_positive_int, default=256,
-                   help="longest conversion latency, >= --T (default 256)")
+                   help="longest conversion latency, >= --T (default %(default)s)")
     p.add_argument("--teacher-epochs", dest="teacher_epochs", type=_positive_int, default=None,
                    help="override the data set's teacher epochs")
     p.add_argument("--student-epochs", dest="student_epochs", type=_positive_int, default=None,
                    help="override the data set's student epochs (both students)")
-    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default %(default)s)")
     p.add_argument("--seeds", type=_positive_int, default=1,
                    help="train both students with this many seeds (one teacher) and report mean, spread and "
-                        "whether the gain exceeds twice its standard error (default 1)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+                        "whether the gain exceeds twice its standard error (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # reduced mode for the test suite
     p.set_defaults(func=_cmd_demo)

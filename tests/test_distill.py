@@ -397,3 +397,25 @@ def test_on_step_is_called_after_every_optimizer_step(tmp_path):
     assert per_epoch >= 1 and calls[0] == (0, 1, 1) and calls[-1] == (1, per_epoch, 2 * per_epoch)
     with pytest.raises(TypeError, match="on_step must be a callable"):
         train_snn(out=tmp_path / "e", epochs=1, quiet=True, on_step=3, **SMALL)
+
+
+def test_command_help_states_the_config_defaults():
+    """Every `lasnn distill` / `train-snn` option that has a config field shows that field's default."""
+    import argparse
+    import dataclasses
+
+    from lasnn.cli import build_parser
+    from lasnn.distill.config import DistillConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for command in ("distill", "train-snn", "train-teacher"):
+        for action in sub.choices[command]._actions:
+            v = defaults.get(action.dest)
+            if v in (None, "") or isinstance(v, bool) or isinstance(action, argparse._StoreFalseAction):
+                continue
+            text = f"{v:g}" if isinstance(v, float) else str(v)
+            assert f"default {text}" in action.help, (command, action.dest, action.help)
+            checked += 1
+    assert checked >= 40

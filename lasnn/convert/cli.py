@@ -62,15 +62,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", required=True, help="train-teacher run folder (or its checkpoint)")
     p.add_argument("--method", choices=METHODS, default="robust",
                    help="thresholds: robust (percentile, default), max (classic), qcfs (QCFS fine-tune, clips)")
-    p.add_argument("--T-max", dest="T_max", type=positive_int, default=256, help="longest latency (default 256)")
-    p.add_argument("--percentile", type=float, default=99.9, help="robust: percentile of activations (default 99.9)")
+    p.add_argument("--T-max", dest="T_max", type=positive_int, default=256,
+                   help="longest latency (default %(default)s)")
+    p.add_argument("--percentile", type=float, default=99.9,
+                   help="robust: percentile of activations (default %(default)s)")
     p.add_argument("--initial-membrane", dest="initial_membrane", type=float, default=0.5,
-                   help="initial membrane as a fraction of the threshold (default 0.5; 0 = classic)")
-    p.add_argument("--levels", type=positive_int, default=4, help="qcfs: quantisation levels L (default 4)")
+                   help="initial membrane as a fraction of the threshold (default %(default)s; 0 = classic)")
+    p.add_argument("--levels", type=positive_int, default=4, help="qcfs: quantisation levels L (default %(default)s)")
     p.add_argument("--qcfs-epochs", dest="qcfs_epochs", type=int, default=5,
-                   help="qcfs: fine-tuning epochs of a ReLU teacher (default 5)")
+                   help="qcfs: fine-tuning epochs of a ReLU teacher (default %(default)s)")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="data folder (default: the run's)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=_cmd_convert)
@@ -85,6 +87,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="longest latency (default: 4x the run's T)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder)")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="data folder (default: the run's)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=_cmd_evaluate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -14,30 +15,51 @@ __all__ = ["register"]
 _S = argparse.SUPPRESS
 
 
+def _d(name: str) -> str:
+    """The config dataclasses' default of field ``name``, for help texts (never restated by hand)."""
+    from lasnn.distill.config import DistillConfig
+
+    v = {f.name: f.default for f in dataclasses.fields(DistillConfig)}[name]
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _beta_help() -> str:
+    from lasnn.distill.config import _SMALL_DATA_BETA, DEFAULT_BETA
+
+    big = "/".join(sorted(DEFAULT_BETA))
+    vals = {f"{v:g}" for v in DEFAULT_BETA.values()}
+    return (f"weight of each attention loss (default: {'/'.join(sorted(vals))} for {big} as in the paper, "
+            f"{_SMALL_DATA_BETA:g} for the small built-in data sets, whose tiny maps make the loss larger)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     from lasnn.data import DATASETS
 
     p.add_argument("--dataset", choices=sorted(DATASETS), default=_S,
-                   help="data set (default mnist1d; cifar10/cifar100/tinyimagenet need --data-dir)")
+                   help="data set (default " + _d("dataset") + "; cifar10/cifar100/tinyimagenet need --data-dir)")
     p.add_argument("--data-dir", dest="data_dir", default=_S,
                    help="folder holding the data set files (never downloaded)")
     p.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, last.pt, best.pt, curves.png")
-    p.add_argument("--epochs", type=int, default=_S, help="epochs in total (default 30)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=_S, help="batch per process (default 128)")
+    p.add_argument("--epochs", type=int, default=_S, help=f"epochs in total (default {_d('epochs')})")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=_S,
+                   help=f"batch per process (default {_d('batch_size')})")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=_S,
-                   help="sgd (momentum, L2 weight decay; default) or adamw (decoupled weight decay)")
-    p.add_argument("--lr", type=float, default=_S, help="initial learning rate, cosine to 0 (default 0.1)")
-    p.add_argument("--momentum", type=float, default=_S, help="SGD momentum (default 0.9; unused by adamw)")
-    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=_S, help="weight decay (default 5e-4)")
+                   help=f"sgd (momentum, L2 weight decay) or adamw (decoupled weight decay); default {_d('optimizer')}")
+    p.add_argument("--lr", type=float, default=_S, help=f"initial learning rate, cosine to 0 (default {_d('lr')})")
+    p.add_argument("--momentum", type=float, default=_S,
+                   help=f"SGD momentum (default {_d('momentum')}; unused by adamw)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=_S,
+                   help=f"weight decay (default {_d('weight_decay')})")
     p.add_argument("--width", type=float, default=_S, help="channel width multiplier of the model (default 1)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=_S,
                    help="no training augmentation (random crop/flip per data set)")
-    p.add_argument("--seed", type=int, default=_S, help="seed of weights, data order and augmentation (default 0)")
+    p.add_argument("--seed", type=int, default=_S,
+                   help=f"seed of weights, data order and augmentation (default {_d('seed')})")
     p.add_argument("--save-every", dest="save_every", type=int, default=_S,
-                   help="also checkpoint every N steps inside an epoch (default 0: at epoch ends)")
+                   help=f"also checkpoint every N steps inside an epoch (default {_d('save_every')}; 0: at epoch ends)")
     p.add_argument("--grad-clip", dest="grad_clip", type=float, default=_S,
-                   help="clip the global gradient norm to this value (default 0: off)")
-    p.add_argument("--device", default=_S, help="auto (default), cpu, cuda or cuda:N")
+                   help=f"clip the global gradient norm to this value (default {_d('grad_clip')}; 0: off)")
+    p.add_argument("--device", default=_S, help=f"auto, cpu, cuda or cuda:N (default {_d('device')})")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=_S, help="no bf16 autocast on GPU")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
@@ -81,8 +103,9 @@ def _cmd_snn(args: argparse.Namespace) -> int:
 
 def _snn_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", default=_S, help="zoo model name of the student (default per data set)")
-    p.add_argument("--T", dest="T", type=int, default=_S, help="time steps of the student (default 4)")
-    p.add_argument("--encoding", choices=["direct", "poisson"], default=_S, help="input encoding (default direct)")
+    p.add_argument("--T", dest="T", type=int, default=_S, help=f"time steps of the student (default {_d('T')})")
+    p.add_argument("--encoding", choices=["direct", "poisson"], default=_S,
+                   help=f"input encoding (default {_d('encoding')})")
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -121,23 +144,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=_S, help="teacher run folder (uses best.pt) or checkpoint file")
     _snn_options(p)
     p.add_argument("--schedule", choices=["layerwise", "joint"], default=_S,
-                   help="layerwise: one attention stage per pair, then all terms (default); joint: all terms")
+                   help="layerwise: one attention stage per pair, then all terms; joint: all terms (default "
+                        + _d("schedule") + ")")
     p.add_argument("--pairs", default=_S,
-                   help="'auto' (match stages by order/resolution) or a list 'sstage:tstage,...'")
+                   help="'auto' (match stages by order/resolution) or a list 'sstage:tstage,...' (default "
+                        + _d("pairs") + ")")
     p.add_argument("--beta", type=float, default=_S,
-                   help="weight of each attention loss (default: 1000 for cifar10/cifar100/tinyimagenet as in the "
-                        "paper, 100 for the small built-in data sets, whose tiny maps make the loss larger)")
-    p.add_argument("--p", dest="p", type=float, default=_S, help="attention map exponent (default 2)")
+                   help=_beta_help())
+    p.add_argument("--p", dest="p", type=float, default=_S, help=f"attention map exponent (default {_d('p')})")
     p.add_argument("--time-reduce", dest="time_reduce", choices=["mean", "per_step"], default=_S,
-                   help="student map from the firing rate (mean, default) or per time step")
-    p.add_argument("--kd-temperature", dest="kd_temperature", type=float, default=_S, help="KD temperature (default 4)")
-    p.add_argument("--kd-weight", dest="kd_weight", type=float, default=_S, help="KD weight (default 1)")
+                   help=f"student map from the firing rate (mean) or per time step (default {_d('time_reduce')})")
+    p.add_argument("--kd-temperature", dest="kd_temperature", type=float, default=_S,
+                   help=f"KD temperature (default {_d('kd_temperature')})")
+    p.add_argument("--kd-weight", dest="kd_weight", type=float, default=_S,
+                   help=f"KD weight (default {_d('kd_weight')})")
     p.add_argument("--stage-epochs", dest="stage_epochs", type=int, default=_S,
                    help="layerwise: epochs per attention stage (default max(1, epochs // (2 * pairs)))")
     p.add_argument("--earlier", choices=["freeze", "lr"], default=_S,
-                   help="layerwise: earlier blocks frozen (default) or trained at --earlier-lr-scale x lr")
+                   help="layerwise: earlier blocks frozen or trained at --earlier-lr-scale x lr (default "
+                        + _d("earlier") + ")")
     p.add_argument("--earlier-lr-scale", dest="earlier_lr_scale", type=float, default=_S,
-                   help="learning-rate factor of earlier blocks with --earlier lr (default 0.1)")
+                   help=f"learning-rate factor of earlier blocks with --earlier lr (default {_d('earlier_lr_scale')})")
     p.add_argument("--no-final-attention", dest="final_attention", action="store_false", default=_S,
                    help="layerwise: final stage on CE + KD only (default: attention kept)")
     p.set_defaults(func=_cmd_distill)
