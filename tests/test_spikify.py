@@ -390,6 +390,25 @@ def test_streaming_with_if_neurons():
         outs = _neuron_outputs(s2, x_seq[0])
     assert outs and all(bool(((o == 0) | (o == 2)).all()) for o in outs) and any(o.max() == 2 for o in outs)
 
+    # the neuron owns its state: streaming runs the LIF's own forward_stateful (no field list copied elsewhere)
+    calls = []
+    real = LIF.forward_stateful
+
+    def spy(self, x_seq, v_init):
+        calls.append(v_init is None)
+        return real(self, x_seq, v_init)
+
+    s3 = spikify(ann, T=2, neuron=LIF(tau=3.0, v_threshold=0.7, v_reset=None, decay_input=False, surrogate="atan"))
+    try:
+        LIF.forward_stateful = spy
+        with torch.no_grad(), s3.streaming():
+            s3(x_seq[:2], return_steps=True)
+            s3(x_seq[2:], return_steps=True)
+    finally:
+        LIF.forward_stateful = real
+    n_sites = len(s3.neurons())
+    assert calls == [True] * n_sites + [False] * n_sites
+
 
 def test_streaming_rejects_changed_batch_and_stateless_neuron():
     snn = spikify(create("digits_cnn_small"), T=2)

@@ -39,8 +39,10 @@ def count_spikes(spikes: torch.Tensor) -> torch.Tensor:
 class LIF(nn.Module):
     """Multi-step LIF neuron: ``[T, *] -> [T, *]`` spikes, usable in place of ``nn.ReLU``.
 
-    Stateless between calls: every forward starts from ``v_init`` = 0 (see ``lasnn.lif`` for the
-    recurrence and the arguments). For streaming, call ``lasnn.lif(..., return_v=True)`` directly.
+    Stateless between calls: every forward starts from ``v_init`` (None: 0; see ``lasnn.lif`` for the
+    recurrence and the arguments). ``forward_stateful`` also returns the membrane after the last step,
+    which is how a streaming :class:`lasnn.nn.SNN` carries state from chunk to chunk; a subclass with other
+    dynamics overrides both.
     """
 
     def __init__(
@@ -67,11 +69,17 @@ class LIF(nn.Module):
         self.backend = backend
 
     def forward(self, x_seq: torch.Tensor, v_init: torch.Tensor | None = None) -> torch.Tensor:
-        """x_seq: ``[T, *]`` -> spikes ``[T, *]``."""
+        """x_seq: ``[T, *]`` (and ``v_init`` ``[*]`` or None) -> spikes ``[T, *]``."""
+        return self.forward_stateful(x_seq, v_init)[0]
+
+    def forward_stateful(
+        self, x_seq: torch.Tensor, v_init: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_seq: ``[T, *]``, v_init: ``[*]`` or None (zeros) -> ``(spikes [T, *], last membrane [*])``."""
         return lif(
             x_seq, v_init, tau=self.tau, v_threshold=self.v_threshold, v_reset=self.v_reset,
             decay_input=self.decay_input, detach_reset=self.detach_reset, surrogate=self.surrogate,
-            alpha=self.alpha, backend=self.backend,
+            alpha=self.alpha, return_v=True, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -48,7 +48,6 @@ from torch.overrides import TorchFunctionMode
 from lasnn.nn.encoders import DirectEncoder, PoissonEncoder, check_T
 from lasnn.nn.lowmem import mark_spikes, spike_bits
 from lasnn.nn.neurons import LIF
-from lasnn.ops.lif import lif
 
 __all__ = [
     "ANALOG_FUNCTIONS", "ANALOG_MODULES", "DEFAULT_ACTIVATIONS", "SNN", "AnalogActivationWarning", "FoldedNeuron",
@@ -98,9 +97,8 @@ class FoldedNeuron(nn.Module):
     and used as the initial membrane of the next call; a module called several times per forward
     (torchvision's BasicBlock reuses one ReLU) keeps one state per call site, in call order.
 
-    Streaming needs a neuron that can return its membrane: a ``lasnn.nn.LIF``/``IF`` (run through
-    ``lasnn.lif(..., return_v=True)``) or any module defining
-    ``forward_stateful(x_seq, v_init) -> (spikes, v_last)``.
+    Streaming needs a neuron that owns its state: one defining
+    ``forward_stateful(x_seq, v_init) -> (spikes, v_last)``, as ``lasnn.nn.LIF``/``IF`` do.
     """
 
     def __init__(self, neuron: nn.Module, T: int = 1) -> None:
@@ -130,7 +128,7 @@ class FoldedNeuron(nn.Module):
         # exactly 0/1 (lasnn.lif's spikes, not a subclass's own dynamics): may be saved as bits (lasnn.nn.lowmem)
         n = self.neuron
         if not torch.compiler.is_compiling() and isinstance(n, LIF) and type(n).forward is LIF.forward \
-                and not hasattr(n, "forward_stateful"):
+                and type(n).forward_stateful is LIF.forward_stateful:
             mark_spikes(out)
         return out
 
@@ -144,13 +142,8 @@ class FoldedNeuron(nn.Module):
                 f"{tuple(v.shape)}; keep the batch size and input size fixed within one streaming() block"
             )
         n = self.neuron
-        if hasattr(n, "forward_stateful"):  # first: a LIF subclass with its own dynamics defines it
+        if hasattr(n, "forward_stateful"):  # the neuron owns its state: lasnn.nn.LIF/IF, IFNeuron, custom ones
             spikes, v_last = n.forward_stateful(x_seq, v)
-        elif isinstance(n, LIF):  # lasnn.nn.LIF and IF (an LIF with tau = inf)
-            spikes, v_last = lif(
-                x_seq, v, tau=n.tau, v_threshold=n.v_threshold, v_reset=n.v_reset, decay_input=n.decay_input,
-                detach_reset=n.detach_reset, surrogate=n.surrogate, alpha=n.alpha, return_v=True, backend=n.backend,
-            )
         else:
             raise TypeError(
                 f"streaming needs a lasnn.nn.LIF/IF neuron or one with forward_stateful(x_seq, v_init), "
