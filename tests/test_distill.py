@@ -68,17 +68,17 @@ def test_teacher_run_writes_every_file(teacher):
 
 @pytest.mark.parametrize("schedule", ["layerwise", "joint"])
 def test_distill_schedules_reduce_loss_and_beat_chance(teacher, tmp_path, schedule, monkeypatch):
-    from lasnn.distill import trainer
+    from lasnn.distill.engine import Engine
 
     # Snapshot the student's weights whenever a stage starts (and at the end) to check what each trained.
     snaps: list[dict[str, torch.Tensor]] = []
-    enter = trainer._Trainer._enter_stage
+    enter = Engine._enter_stage
 
     def spy(self, idx):
         snaps.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
         enter(self, idx)
 
-    monkeypatch.setattr(trainer._Trainer, "_enter_stage", spy)
+    monkeypatch.setattr(Engine, "_enter_stage", spy)
     out = tmp_path / schedule
     res = distill(out=out, teacher=str(teacher), schedule=schedule, epochs=5, T=2, quiet=True,
                   **{**STUDENT, "batch_size": 32})
@@ -120,7 +120,7 @@ def test_distill_schedules_reduce_loss_and_beat_chance(teacher, tmp_path, schedu
 
 def test_layerwise_stage_k_trains_the_student_up_to_block_k(teacher):
     from lasnn.data import load_dataset
-    from lasnn.distill.trainer import build_student_model
+    from lasnn.distill.objectives import build_student_model
 
     ds = load_dataset("synthetic")
     cfg = DistillConfig(teacher=str(teacher), **{k: v for k, v in STUDENT.items() if k != "stage_epochs"})
@@ -148,13 +148,13 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 # trainers' on_step callback), exactly like an external kill -9.
 _KILLED_CLI = """
 import os, signal, sys
-import lasnn.distill.trainer as tr
+from lasnn.distill.engine import Engine
 after = int(sys.argv[1])
-init = tr._Trainer.__init__
+init = Engine.__init__
 def patched(self, *a, **k):
     k["on_step"] = lambda epoch, step, n: n >= after and os.kill(os.getpid(), signal.SIGKILL)
     init(self, *a, **k)
-tr._Trainer.__init__ = patched
+Engine.__init__ = patched
 from lasnn.cli import main
 sys.exit(main(sys.argv[2:]))
 """
