@@ -85,3 +85,25 @@ def test_quick_start_is_two_commands_and_ci_runs_the_second():
     test_recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
     assert "pytest" in test_recipe and "TRITON_INTERPRET=1" in test_recipe and "ruff check" in test_recipe
     assert "\ndemo:" in makefile and "lasnn demo" in makefile
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path):
+    from lasnn.files import atomic_write, atomic_write_text
+
+    target = tmp_path / "sub" / "f.txt"
+    atomic_write_text(target, "old")
+    assert target.read_text() == "old"
+
+    def torn(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, torn)
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["f.txt"]
+    atomic_write(target, lambda f: f.write(b"new"))
+    assert target.read_text() == "new"
+    with pytest.raises(TypeError, match="text must be a str"):
+        atomic_write_text(target, b"bytes")
+    with pytest.raises(TypeError, match="write must be a callable"):
+        atomic_write(target, "not callable")

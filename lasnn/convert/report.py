@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
+
+from lasnn.files import atomic_write, atomic_write_text
 
 __all__ = ["curve_to_json", "format_table", "plot_latency", "t_to_match", "write_json"]
 
@@ -28,11 +29,8 @@ def curve_to_json(curve: dict[int, float]) -> dict[str, float]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON atomically (``lasnn.files.atomic_write_text``)."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _table_ts(t_max: int) -> list[int]:
@@ -94,7 +92,4 @@ def plot_latency(
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))

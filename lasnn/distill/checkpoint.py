@@ -9,11 +9,12 @@ without executing code, and a file from another program (or a truncated one) fai
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lasnn.files import atomic_write, atomic_write_text
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "atomic_write_text", "load_checkpoint", "save_checkpoint"]
 
@@ -25,33 +26,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, from another program/version, or does not fit the request."""
 
 
-def _atomic_replace(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary lives in the same folder so that os.replace is a rename on one file system: readers
-    # (and a resume after kill -9) see either the old file or the complete new one, never a torn one.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    _atomic_replace(Path(path), lambda f: f.write(text.encode()))
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Save ``state`` (tensors, state dicts, primitives only) atomically, tagged with format and version."""
     payload = {"format": FORMAT, "version": VERSION, **state}
-    _atomic_replace(Path(path), lambda f: torch.save(payload, f))
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lasnn.distill.checkpoint import CheckpointError, atomic_write_text, load_checkpoint
+from lasnn.distill.checkpoint import CheckpointError, load_checkpoint
 from lasnn.distill.config import DistillConfig, SNNConfig, TeacherConfig, config_from_dict
+from lasnn.files import atomic_write, atomic_write_text
 
 __all__ = ["MACHINE_FIELDS", "Run", "RunError", "RunFolder", "checkpoint_path", "load_run", "load_state"]
 
@@ -129,7 +130,7 @@ class RunFolder:
         """Start a fresh run: the folder, its config.json and an empty metrics.jsonl."""
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-        (self.out / "metrics.jsonl").write_text("")
+        atomic_write_text(self.out / "metrics.jsonl", "")
 
     def append_metrics(self, rec: dict[str, Any]) -> None:
         """One epoch's record, appended to metrics.jsonl."""
@@ -200,6 +201,4 @@ class RunFolder:
             title += f" {cfg.model}"
         fig.suptitle(title)
         fig.tight_layout()
-        tmp = out / ".curves.png.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out / "curves.png")
+        atomic_write(out / "curves.png", lambda f: fig.savefig(f, dpi=100, format="png"))
