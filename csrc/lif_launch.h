@@ -82,16 +82,30 @@ inline LifFwdTensors prepare_lif_fwd(const at::Tensor& x_, const std::optional<a
 
 // The same for lif_bwd: the incoming gradients are cast to x's dtype. `done`: no step or no neuron;
 // grad_v_init is then dL/dv_last (or zeros).
+// With `row_broadcast` (a kernel that can read it), a grad_spikes of x's dtype whose neuron stride is 0
+// (one value per step, broadcast: what spikes.mean() or spikes.sum() send back) is kept as the expanded
+// view it is, with gs_step_stride its step stride (0 when it is one value for all steps): it is never
+// materialised as a [T, N] tensor.
 struct LifBwdTensors {
   at::Tensor x, gs, v_init, gvl, grad_x, grad_v_init;
   bool done;
+  bool gs_row_broadcast = false;
+  int64_t gs_step_stride = 0;
 };
 
 inline LifBwdTensors prepare_lif_bwd(const at::Tensor& grad_spikes_, const std::optional<at::Tensor>& grad_v_last_,
-                                     const at::Tensor& x_, const std::optional<at::Tensor>& v_init_) {
+                                     const at::Tensor& x_, const std::optional<at::Tensor>& v_init_,
+                                     bool row_broadcast = false) {
   LifBwdTensors t;
   t.x = x_.contiguous();
-  t.gs = grad_spikes_.to(t.x.scalar_type()).contiguous();
+  if (row_broadcast && grad_spikes_.scalar_type() == t.x.scalar_type() && grad_spikes_.size(1) > 1 &&
+      grad_spikes_.stride(1) == 0) {
+    t.gs = grad_spikes_;
+    t.gs_row_broadcast = true;
+    t.gs_step_stride = grad_spikes_.size(0) > 1 ? grad_spikes_.stride(0) : 0;
+  } else {
+    t.gs = grad_spikes_.to(t.x.scalar_type()).contiguous();
+  }
   const int64_t T = t.x.size(0), N = t.x.size(1);
   if (v_init_.has_value()) t.v_init = v_init_->contiguous();
   if (grad_v_last_.has_value()) t.gvl = grad_v_last_->to(t.x.scalar_type()).contiguous();

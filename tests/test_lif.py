@@ -24,6 +24,7 @@ from lasnn.testing import (
     assert_spikes_match,
     backend_device,
     make_currents,
+    peak_allocated_bytes,
     skip_unless_backend,
     spike_rate,
 )
@@ -305,6 +306,28 @@ def test_opcheck(backend):
     assert not xp.is_contiguous()
     torch.library.opcheck(fwd, (xp, None, 2.0, 1.0, 0.0, False, True))
     torch.library.opcheck(bwd, (torch.randn_like(xp), None, xp, None, 2.0, 1.0, 0.0, False, True, False, 0, 4.0))
+    # expanded (stride-0) incoming gradients, one value in all or one per step
+    for ge in (torch.full((), 0.3, device=device).expand(4, 50), torch.randn(4, 1, device=device).expand(4, 50)):
+        torch.library.opcheck(bwd, (ge, None, x, v0, 2.0, 1.0, 0.0, False, True, False, 0, 4.0))
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_expanded_grads_are_exact_and_not_materialised(backend):
+    # spikes.sum() / spikes.mean(dims) send back stride-0 gradients: same result as the materialised one
+    device = _setup(backend)
+    T, N = 4, 1 << 14
+    x = make_currents(T, (N,), device=device).requires_grad_(True)
+    v0 = torch.rand(N, device=device)
+    for ge in (torch.full((), 0.37, device=device).expand(T, N),
+               torch.tensor([0.1, -0.2, 0.3, 0.5], device=device)[:, None].expand(T, N)):
+        got = torch.autograd.grad(lasnn.lif(x, v0, backend=backend), x, ge)[0]
+        want = torch.autograd.grad(lasnn.lif(x, v0, backend=backend), x, ge.contiguous())[0]
+        assert torch.equal(got, want)
+    if backend == "cpu":  # the C++ kernel reads it in place: the backward allocates grad_x and grad_v only
+        s = lasnn.lif(x, backend=backend)
+        ge = torch.full((), 1.0).expand(T, N)
+        peak = peak_allocated_bytes(lambda: torch.autograd.grad(s, x, ge), "cpu")
+        assert peak <= (T * N + N) * 4 + 4096, peak
 
 
 @pytest.mark.parametrize("backend", KERNEL_PARAMS)

@@ -53,7 +53,9 @@ struct FwdArgs {
 
 template <typename scalar_t, typename acc_t>
 struct BwdArgs {
-  const scalar_t* gs;    // [T, N]
+  const scalar_t* gs;    // [T, N], or one value per step at gs[t * gs_step_stride] (gs_row_broadcast)
+  bool gs_row_broadcast;
+  int64_t gs_step_stride;
   const scalar_t* gvl;   // [N] or nullptr (zeros)
   const scalar_t* x;     // [T, N]
   const scalar_t* v0;    // [N] or nullptr (zeros)
@@ -220,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cpu(const at::Tensor& grad_spikes_, c
   check_lif_inputs(x_, v_init_, tau, v_threshold, v_reset, alpha, "lasnn::lif_bwd");
   TORCH_CHECK_VALUE(x_.device().is_cpu(), "lasnn::lif_bwd (cpu): x must be on CPU");
   check_lif_bwd_grads(grad_spikes_, grad_v_last_, x_, surrogate);
-  const LifBwdTensors t = prepare_lif_bwd(grad_spikes_, grad_v_last_, x_, v_init_);
+  const LifBwdTensors t = prepare_lif_bwd(grad_spikes_, grad_v_last_, x_, v_init_, /*row_broadcast=*/true);
   if (t.done) return {t.grad_x, t.grad_v_init};
   const at::Tensor &x = t.x, &gs = t.gs, &v_init = t.v_init, &gvl = t.gvl;
   const at::Tensor &grad_x = t.grad_x, &grad_v_init = t.grad_v_init;
@@ -230,6 +232,8 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cpu(const at::Tensor& grad_spikes_, c
     using acc_t = at::opmath_type<scalar_t>;
     BwdArgs<scalar_t, acc_t> a;
     a.gs = gs.data_ptr<scalar_t>();
+    a.gs_row_broadcast = t.gs_row_broadcast;
+    a.gs_step_stride = t.gs_step_stride;
     a.gvl = gvl.defined() ? gvl.data_ptr<scalar_t>() : nullptr;
     a.x = x.data_ptr<scalar_t>();
     a.v0 = v_init.defined() ? v_init.data_ptr<scalar_t>() : nullptr;
@@ -355,6 +359,9 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
   const int64_t blk = bwd_block(T, sizeof(acc_t));
   // One heap buffer per task (not per block): [T * blk] charges, then v and gv.
   std::unique_ptr<acc_t[]> scratch(new acc_t[static_cast<size_t>((T + 2) * blk)]);
+  // A broadcast grad_spikes row is spread over one block-long row here (in L1), so the inner loop is the
+  // same as for a full [T, N] gradient and nothing of size [T, N] is ever read or written for it.
+  std::unique_ptr<scalar_t[]> gs_row(a.gs_row_broadcast ? new scalar_t[static_cast<size_t>(blk)] : nullptr);
   acc_t* __restrict__ hbuf = scratch.get();
   acc_t* __restrict__ v = hbuf + T * blk;
   acc_t* __restrict__ gv = v + blk;
@@ -381,18 +388,19 @@ void bwd_range(const cpu_lif::BwdArgs<scalar_t, acc_t>& a, int64_t begin, int64_
     load_or_zero(gv, a.gvl != nullptr ? a.gvl + n0 : nullptr, nb);
     for (int64_t t = T - 1; t >= 0; --t) {
       const acc_t* __restrict__ ht = hbuf + t * blk;
-      const scalar_t* __restrict__ gst = a.gs + t * N + n0;
+      if (a.gs_row_broadcast) std::fill(gs_row.get(), gs_row.get() + nb, a.gs[t * a.gs_step_stride]);
+      const scalar_t* __restrict__ gst = a.gs_row_broadcast ? gs_row.get() : a.gs + t * N + n0;
       scalar_t* __restrict__ gxt = a.gx + t * N + n0;
       // Fetch the next block's x and grad_spikes rows into L2 while this one is computed: each row
       // segment is a separate page the hardware prefetcher would start cold (measured: the x loads
       // of the recompute loop and the grad_spikes loads here were the hottest stalls).
       const int64_t nb_next = std::min(blk, end - n0 - nb);
       const scalar_t* x_pf = a.x + t * N + n0 + nb;
-      const scalar_t* gs_pf = a.gs + t * N + n0 + nb;
+      const scalar_t* gs_pf = a.gs_row_broadcast ? nullptr : a.gs + t * N + n0 + nb;
       for (int64_t i0 = 0; i0 < nb; i0 += kPfChunk) {
         if (i0 < nb_next) {
           prefetch_chunk(x_pf + i0);
-          prefetch_chunk(gs_pf + i0);
+          if (!a.gs_row_broadcast) prefetch_chunk(gs_pf + i0);
         }
         const int64_t i1 = std::min(nb, i0 + kPfChunk);
         for (int64_t i = i0; i < i1; ++i) {
