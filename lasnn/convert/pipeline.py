@@ -56,28 +56,16 @@ def snn_firing_rate(snn: nn.Module, loader, device: torch.device | str = "cpu", 
 
     Counts the binary outputs of every spiking site (``FoldedNeuron``) over up to ``max_batches`` batches.
     """
-    from lasnn.nn.neurons import count_spikes
-    from lasnn.nn.spikify import FoldedNeuron
+    from lasnn.nn.spikify import SpikeCounter
 
-    sums: list = [0.0, 0]
-
-    def hook(module, args, out):
-        sums[0] = sums[0] + count_spikes(out)  # a tensor: one host sync at the end, not one per site
-        sums[1] += out.numel()
-
-    handles = [m.register_forward_hook(hook) for m in snn.modules() if isinstance(m, FoldedNeuron)]
-    if not handles:
-        raise ValueError(f"snn ({type(snn).__name__}) has no spiking sites (FoldedNeuron): is it a spikify'd SNN?")
+    counter = SpikeCounter(snn)
     snn.eval()
-    try:
+    with counter:
         for i, (x, _) in enumerate(loader):
             if i >= max_batches:
                 break
             snn(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    return float(sums[0]) / sums[1] if sums[1] else float("nan")
+    return counter.rate()
 
 
 def to_qcfs(ann: nn.Module, clips: dict[str, list[float]], levels: int) -> nn.Module:

@@ -16,6 +16,7 @@ run performs (on the same machine and thread count).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -40,6 +41,7 @@ from lasnn.distill.config import TeacherConfig
 from lasnn.distill.dist import DistEnv, setup_distributed
 from lasnn.distill.objectives import OBJECTIVES, Stage, resolve_names
 from lasnn.distill.run import MACHINE_FIELDS, RunError, RunFolder, load_state
+from lasnn.nn.spikify import SpikeCounter
 from lasnn.runtime import preserved_rng, rng_state, set_rng_state
 
 __all__ = ["Engine", "StepCallback", "run_training"]
@@ -71,7 +73,7 @@ class Engine:
         self.folder = RunFolder(out)
         if resume:
             # Settings come from the run's config.json; what the caller gave explicitly must agree with it.
-            cfg = RunFolder(out).read_config()
+            cfg = self.folder.read_config()
             explicit = dict(config.to_dict() if config is not None else {})
             explicit.pop("kind", None)
             explicit.update(overrides)
@@ -79,7 +81,7 @@ class Engine:
             cfg = dataclasses.replace(cfg, **{k: explicit[k] for k in MACHINE_FIELDS if k in explicit})
         else:
             cfg = _make_config(cls, config, overrides)
-            if RunFolder(out).holds_run():
+            if self.folder.holds_run():
                 raise RunError(f"{str(out)!r} already holds a run (config.json/last.pt); use --resume to continue "
                                "it or choose another --out")
         cfg.validate()
@@ -92,16 +94,15 @@ class Engine:
 
     # -- setup: everything that can fail runs before the first file is written
     def _setup(self, cfg: TeacherConfig, resume: bool) -> None:
-        out = self.out
         self.resume_ckpt: dict[str, Any] | None = None
-        if resume and (out / "last.pt").is_file():
-            self.resume_ckpt = load_checkpoint(out / "last.pt")
+        if resume and self.folder.last.is_file():
+            self.resume_ckpt = load_checkpoint(self.folder.last)
         self.ds = load_dataset(cfg.dataset, cfg.data_dir)
         cfg = resolve_names(cfg, self.ds)
         self.cfg = cfg
         dev = self.env.device
 
-        torch.manual_seed(cfg.seed)  # the run's RNGs; the caller's are restored around the run (_train)
+        torch.manual_seed(cfg.seed)  # the run's RNGs; the caller's are restored around the run (run_training)
         self.objective = OBJECTIVES[type(cfg)](cfg, self.ds, dev)
         self.model = self.objective.model
         self.pairs = self.objective.pairs
@@ -121,7 +122,6 @@ class Engine:
         if self.steps_per_epoch == 0:
             raise RunError(f"batch_size {cfg.batch_size} x {self.env.world_size} process(es) exceeds the "
                            f"{self.ds.x_train.shape[0]} training samples")
-        self.autocast = self.objective.use_amp
         self.history: list[dict[str, Any]] = []
         self.best_acc = -1.0
         self.start_epoch, self.start_step = 0, 0
@@ -205,29 +205,17 @@ class Engine:
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()
-        spikes = [0.0, 0.0]
-        hooks = []
-        if self.objective.is_snn:
-            from lasnn.nn.neurons import count_spikes
-            from lasnn.nn.spikify import FoldedNeuron
-
-            def count(_m, _i, out):
-                spikes[0] = spikes[0] + count_spikes(out)  # a tensor: no host sync per site and batch
-                spikes[1] += out.numel()
-
-            hooks = [m.register_forward_hook(count) for m in self.model.modules() if isinstance(m, FoldedNeuron)]
+        counter = SpikeCounter(self.model) if self.objective.is_snn else contextlib.nullcontext()
         loss_sum, correct, n = 0.0, 0.0, 0.0
-        try:
+        with counter:
             for x, y in self.test_loader:
-                with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                with self.objective.amp():
                     logits = self.model(x).float()
                 loss_sum = loss_sum + F.cross_entropy(logits, y, reduction="sum").double()
                 correct = correct + (logits.argmax(1) == y).sum().double()
                 n += y.numel()
-        finally:
-            for h in hooks:
-                h.remove()
-        spikes[0], loss_sum, correct = float(spikes[0]), float(loss_sum), float(correct)  # one read per evaluation
+        spikes = [float(counter.spikes), float(counter.neuron_steps)] if self.objective.is_snn else [0.0, 0.0]
+        loss_sum, correct = float(loss_sum), float(correct)  # one read per evaluation
         loss_sum, correct, n, s0, s1 = self.env.all_reduce_sum([loss_sum, correct, n, *spikes])
         out = {"test_loss": loss_sum / max(n, 1), "test_acc": correct / max(n, 1), "test_samples": int(n)}
         if self.objective.is_snn:

@@ -47,11 +47,11 @@ from torch.overrides import TorchFunctionMode
 
 from lasnn.nn.encoders import DirectEncoder, PoissonEncoder, check_T
 from lasnn.nn.lowmem import mark_spikes, spike_bits
-from lasnn.nn.neurons import LIF
+from lasnn.nn.neurons import LIF, count_spikes
 
 __all__ = [
     "ANALOG_FUNCTIONS", "ANALOG_MODULES", "DEFAULT_ACTIVATIONS", "SNN", "AnalogActivationWarning", "FoldedNeuron",
-    "default_neuron", "spikify",
+    "SpikeCounter", "default_neuron", "spikify",
 ]
 
 #: Activation modules replaced by spiking neurons unless ``activations=`` says otherwise. Functional
@@ -158,6 +158,40 @@ class FoldedNeuron(nn.Module):
 
     def extra_repr(self) -> str:
         return f"T={self.T}" + (", streaming" if self._streaming else "")
+
+
+class SpikeCounter:
+    """Context manager counting the outputs of every spiking site (:class:`FoldedNeuron`) of ``model``.
+
+    Inside the block every forward adds its spikes (``count_spikes``: exact, kept as a tensor, so no host
+    sync per site and batch) and its neuron-steps; :meth:`rate` reads them once. Raises ValueError if
+    ``model`` has no spiking site.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.sites = [m for m in model.modules() if isinstance(m, FoldedNeuron)]
+        if not self.sites:
+            raise ValueError(f"{type(model).__name__} has no spiking sites (FoldedNeuron): is it a spikify'd SNN?")
+        self.spikes: torch.Tensor | float = 0.0
+        self.neuron_steps = 0
+        self._handles: list = []
+
+    def _hook(self, module: nn.Module, args: object, out: torch.Tensor) -> None:
+        self.spikes = self.spikes + count_spikes(out)
+        self.neuron_steps += out.numel()
+
+    def __enter__(self) -> SpikeCounter:
+        self._handles = [m.register_forward_hook(self._hook) for m in self.sites]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def rate(self) -> float:
+        """Spikes per neuron-step so far (NaN before any forward)."""
+        return float(self.spikes) / self.neuron_steps if self.neuron_steps else float("nan")
 
 
 def _listing(items: list[str], limit: int = 6) -> str:
