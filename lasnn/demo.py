@@ -119,6 +119,7 @@ def run_demo(
     seed: int = 0,
     seeds: int = 1,
     device: str = "auto",
+    jobs: int | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """The comparison in one call: teacher ANN; per seed, the LaSNN student and the directly trained student
@@ -131,6 +132,10 @@ def run_demo(
         T: the students' time steps; ``T_max`` (>= T): the longest conversion latency.
         seed, seeds: the students train with seeds ``seed .. seed + seeds - 1`` (the teacher with ``seed``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        jobs: how many of the phases after the teacher (the students, the two sweeps; they depend only on the
+            teacher) run at once, each in its own worker process with ``torch.get_num_threads() // jobs``
+            threads. None: 2 on a CPU with at least 2 cores (small models use two cores far better as two
+            processes than as two threads), else 1 (in this process, one phase after another).
     Returns:
         the report written to ``out/report.json``: ``teacher``, ``student`` and ``direct`` (mean accuracy at
         ``T``, its standard deviation and per-seed values, firing rate, mean curve over T), ``gain_over_direct``
@@ -141,10 +146,10 @@ def run_demo(
         ValueError for bad arguments or an existing demo in ``out``; DatasetError for missing data.
     """
     from lasnn.convert.latency import accuracy_vs_timesteps
-    from lasnn.convert.pipeline import _convert_curve, _device, _loaders, ann_accuracy, snn_firing_rate
+    from lasnn.convert.pipeline import _device, ann_accuracy, snn_firing_rate
     from lasnn.convert.report import curve_to_json, format_table, plot_latency, t_to_match, write_json
     from lasnn.data import load_dataset
-    from lasnn.distill import distill, load_run, train_snn, train_teacher
+    from lasnn.distill import load_run, train_teacher
 
     T = _check_int("T", T, 1)
     T_max = _check_int("T_max", T_max, 1)
@@ -152,6 +157,8 @@ def run_demo(
         raise ValueError(f"T_max ({T_max}) must be >= T ({T}): the conversions are matched against the student at T")
     seeds = _check_int("seeds", seeds, 1)
     seed = _check_int("seed", seed, 0)
+    if jobs is not None:
+        jobs = _check_int("jobs", jobs, 1)
     for name, v in (("teacher_epochs", teacher_epochs), ("student_epochs", student_epochs),
                     ("stage_epochs", stage_epochs)):
         if v is not None:
@@ -169,6 +176,8 @@ def run_demo(
     ds = load_dataset(dataset, data_dir)  # fail early, before any training, on a missing data set
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
+    if jobs is None:
+        jobs = 2 if dev.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
     timings: dict[str, float] = {}  # wall seconds per phase
     cpu: dict[str, float] = {}  # CPU seconds (all threads) per phase
     n_phases = 1 + 2 * seeds + 2
@@ -195,24 +204,33 @@ def run_demo(
     common = {"dataset": dataset, "data_dir": data_dir, "T": T, "epochs": rec.student_epochs,
               "batch_size": rec.batch_size, "optimizer": rec.optimizer, "device": device, "quiet": True}
     run_seeds = list(range(seed, seed + seeds))
-    folders = []
-    for i, s in enumerate(run_seeds):
-        base = out if seeds == 1 else out / f"seed{s}"
-        folders.append(base)
-        _say(quiet, f"[{2 + 2 * i}/{n_phases}] {rec.label} SNN at T={T} ({rec.schedule}), seed {s}: "
-                    f"{rec.student_epochs} epochs")
-        with phase("student"):
-            distill(out=base / "student", teacher=str(out / "teacher"), seed=s, lr=rec.lr, **kd, **common)
-        _say(quiet, f"[{3 + 2 * i}/{n_phases}] the same student trained directly (no teacher), seed {s}: "
-                    f"{rec.student_epochs} epochs")
-        with phase("direct"):
-            train_snn(out=base / "direct", seed=s, lr=rec.direct_lr, **common)
+    folders = [out if seeds == 1 else out / f"seed{s}" for s in run_seeds]
+    sub_n = rec.sweep_samples if rec.sweep_samples is not None and rec.sweep_samples < ds.x_test.shape[0] else None
+    recipes = {"classic": ("max", 0.0), "robust": ("robust", 0.5)}
 
-    calib, test = _loaders(ds, EVAL_BATCH)
-    sub = ds
-    if rec.sweep_samples is not None and rec.sweep_samples < ds.x_test.shape[0]:
-        n = rec.sweep_samples
-        sub = dataclasses.replace(ds, x_test=ds.x_test[:n], y_test=ds.y_test[:n])
+    # Every phase after the teacher depends only on it: the students and both sweeps run as jobs, `jobs` at a
+    # time, each in a worker process with its share of the threads (jobs=1: one after another, here).
+    tasks: list[tuple[str, str, str, dict[str, Any]]] = []  # (phase key, progress line, job, kwargs)
+    for i, (s, base) in enumerate(zip(run_seeds, folders, strict=True)):
+        tasks.append(("student", f"[{2 + 2 * i}/{n_phases}] {rec.label} SNN at T={T} ({rec.schedule}), seed {s}: "
+                                 f"{rec.student_epochs} epochs", "distill",
+                      {"out": base / "student", "teacher": str(out / "teacher"), "seed": s, "lr": rec.lr, **kd,
+                       **common}))
+        tasks.append(("direct", f"[{3 + 2 * i}/{n_phases}] the same student trained directly (no teacher), seed {s}: "
+                                f"{rec.student_epochs} epochs", "train_snn",
+                      {"out": base / "direct", "seed": s, "lr": rec.direct_lr, **common}))
+    for i, (name, (method, membrane)) in enumerate(recipes.items()):
+        tasks.append((f"conversion_{name}",
+                      f"[{2 + 2 * seeds + i}/{n_phases}] {name} conversion ({method} thresholds, membrane starting "
+                      f"at {membrane:g}·θ), T = 1..{T_max}" + (f" on the first {sub_n} test samples" if sub_n else ""),
+                      "sweep", {"teacher": out / "teacher", "dataset": dataset, "data_dir": data_dir,
+                                "samples": sub_n, "method": method, "initial_membrane": membrane, "T_max": T_max,
+                                "device": device}))
+    results, child_cpu = _run_jobs(tasks, jobs, quiet, timings, cpu)
+    sweeps = {name: results[len(tasks) - len(recipes) + i] for i, name in enumerate(recipes)}
+
+    test = ds.loader("test", EVAL_BATCH)
+    sub = ds if sub_n is None else dataclasses.replace(ds, x_test=ds.x_test[:sub_n], y_test=ds.y_test[:sub_n])
     sweep_test = sub.loader("test", EVAL_BATCH)
     trun = load_run(out / "teacher")
     teacher = trun.model.to(dev).eval()
@@ -245,14 +263,8 @@ def run_demo(
     conversions: dict[str, Any] = {}
     curves = {f"{rec.label} ({names['student']})": {int(t): a for t, a in student["accuracy_by_T"].items()},
               f"direct training ({names['direct']})": {int(t): a for t, a in direct["accuracy_by_T"].items()}}
-    recipes = {"classic": ("max", 0.0), "robust": ("robust", 0.5)}
-    for i, (name, (method, membrane)) in enumerate(recipes.items()):
-        _say(quiet, f"[{2 + 2 * seeds + i}/{n_phases}] {name} conversion ({method} thresholds, membrane starting at "
-                    f"{membrane:g}·θ), T = 1..{T_max}"
-                    + (f" on the first {rec.sweep_samples} test samples" if sub is not ds else ""))
-        with phase(f"conversion_{name}"):
-            _, curve, rate = _convert_curve(teacher, calib, sweep_test, method=method, percentile=99.9,
-                                            initial_membrane=membrane, T_max=T_max, device=dev)
+    for name, (method, membrane) in recipes.items():
+        curve, rate = sweeps[name]
         match = t_to_match(curve, student_target)
         conversions[name] = {
             "method": method, "percentile": 99.9 if method == "robust" else None, "initial_membrane": membrane,
@@ -263,7 +275,7 @@ def run_demo(
 
     seconds = time.perf_counter() - t0
     # CPU time of this process (all threads): on a shared machine wall time mostly measures the neighbours
-    cpu_seconds = time.process_time() - c0
+    cpu_seconds = time.process_time() - c0 + child_cpu
     epochs_info = {"epochs": rec.student_epochs, "batch_size": rec.batch_size}
     opt: dict[str, Any] = {"optimizer": rec.optimizer, "weight_decay": 5e-4}
     if rec.optimizer == "sgd":
@@ -289,6 +301,7 @@ def run_demo(
         "T_max": T_max,
         "device": str(dev),
         "threads": torch.get_num_threads(),
+        "jobs": jobs,  # with jobs > 1 each job ran in a worker process with threads // jobs threads
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "cpu_timings": {k: round(v, 2) for k, v in cpu.items()},
         "seconds": round(seconds, 2),
@@ -318,6 +331,85 @@ def run_demo(
         print(f"{seconds:.1f} s on {dev} ({torch.get_num_threads()} threads, {cpu_seconds:.1f} s CPU time) -> "
               f"{out / 'report.json'}, {out / 'latency.png'}")
     return report
+
+
+def _job(job: str, kwargs: dict[str, Any], threads: int | None) -> tuple[Any, float, float]:
+    """Run one demo phase (``distill``, ``train_snn`` or ``sweep``): ``(result, wall s, CPU s)``.
+
+    ``threads``: set this process's torch threads first (a worker process); None leaves them (the caller's).
+    """
+    from lasnn.distill import distill, train_snn
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t, c = time.perf_counter(), time.process_time()
+    result: Any = None
+    if job == "distill":
+        distill(**kwargs)
+    elif job == "train_snn":
+        train_snn(**kwargs)
+    elif job == "sweep":
+        result = _sweep(**kwargs)
+    else:
+        raise ValueError(f"unknown demo job {job!r}")
+    return result, time.perf_counter() - t, time.process_time() - c
+
+
+def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | None, method: str,
+           initial_membrane: float, T_max: int, device: str) -> tuple[dict[int, float], float]:
+    """Convert the teacher run's ANN and sweep T = 1..T_max over the first ``samples`` test samples (None: all)."""
+    from lasnn.convert.pipeline import _convert_curve, _device, _loaders
+    from lasnn.data import load_dataset
+    from lasnn.distill import load_run
+
+    ds = load_dataset(dataset, data_dir)
+    calib, _ = _loaders(ds, EVAL_BATCH)
+    if samples is not None:
+        ds = dataclasses.replace(ds, x_test=ds.x_test[:samples], y_test=ds.y_test[:samples])
+    dev = _device(device)
+    ann = load_run(teacher).model.to(dev).eval()
+    _, curve, rate = _convert_curve(ann, calib, ds.loader("test", EVAL_BATCH), method=method, percentile=99.9,
+                                    initial_membrane=initial_membrane, T_max=T_max, device=dev)
+    return curve, rate
+
+
+def _run_jobs(tasks: list[tuple[str, str, str, dict[str, Any]]], jobs: int, quiet: bool,
+              timings: dict[str, float], cpu: dict[str, float]) -> tuple[list[Any], float]:
+    """Run ``(phase key, progress line, job, kwargs)`` tasks, ``jobs`` at a time; add each one's wall and CPU
+    seconds to ``timings``/``cpu`` under its key. Returns the results in task order and the CPU seconds spent
+    in worker processes (0 for jobs=1: everything ran here)."""
+    results: list[Any] = [None] * len(tasks)
+
+    def book(key: str, wall: float, c: float) -> None:
+        timings[key] = timings.get(key, 0.0) + wall
+        cpu[key] = cpu.get(key, 0.0) + c
+
+    if jobs == 1:
+        for i, (key, line, job, kw) in enumerate(tasks):
+            _say(quiet, line)
+            results[i], wall, c = _job(job, kw, None)
+            book(key, wall, c)
+        return results, 0.0
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    _say(quiet, f"the next {len(tasks)} phases depend only on the teacher: {jobs} at a time, each in its own "
+                f"process with {threads} thread{'s' if threads > 1 else ''}")
+    child_cpu = 0.0
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(_job, job, kw, threads): i for i, (_, _, job, kw) in enumerate(tasks)}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            results[i], wall, c = fut.result()
+            key, line = tasks[i][0], tasks[i][1]
+            book(key, wall, c)
+            child_cpu += c
+            _say(quiet, f"{line}: done in {wall:.0f} s")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results, child_cpu
 
 
 def _pm(mean: float, std: float | None) -> str:
@@ -363,7 +455,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             kw[k] = getattr(args, k)
     try:
         run_demo(args.out, dataset=args.dataset, data_dir=args.data_dir, T=args.T, T_max=args.T_max, seed=args.seed,
-                 seeds=args.seeds, device=args.device, quiet=args.quiet, **kw)
+                 seeds=args.seeds, device=args.device, jobs=args.jobs, quiet=args.quiet, **kw)
     except (ValueError, TypeError, FileNotFoundError, DatasetError) as e:
         print(f"lasnn demo: error: {e}", file=sys.stderr)
         return 2
@@ -400,6 +492,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="train both students with this many seeds (one teacher) and report mean, spread and "
                         "whether the gain exceeds twice its standard error (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--jobs", type=_positive_int, default=None,
+                   help="phases after the teacher run this many at a time, each in its own process (default: 2 "
+                        "on a CPU with 2 or more cores, else 1)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # reduced mode for the test suite
     p.set_defaults(func=_cmd_demo)

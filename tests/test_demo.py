@@ -146,3 +146,37 @@ def test_bad_arguments(demo_dir, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "c"), "--dataset", "cifar10", "--quick"]) == 2
     assert "cifar-10-batches-py" in capsys.readouterr().err  # names the files it expected
     assert not (tmp_path / "c").exists()
+
+
+def test_demo_jobs_in_worker_processes_give_the_same_report(tmp_path, capsys):
+    """The phases after the teacher run in worker processes with ``jobs=2``: the same runs, curves and gain as
+    one after another in this process (both with one thread per phase)."""
+    import torch
+
+    from lasnn import demo
+
+    threads = torch.get_num_threads()
+    kw = {"dataset": "synthetic", "teacher_epochs": 2, "student_epochs": 3, "stage_epochs": 1, "T_max": 8,
+          "seeds": 2}
+    try:
+        torch.set_num_threads(1)
+        one = demo.run_demo(tmp_path / "one", jobs=1, quiet=True, **kw)
+        torch.set_num_threads(2)  # two workers with 2 // 2 = 1 thread each
+        two = demo.run_demo(tmp_path / "two", jobs=2, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # the workers' thread settings stay in the workers
+    printed = capsys.readouterr().out
+    assert "2 at a time, each in its own process with 1 thread" in printed and printed.count(": done in ") == 6
+    assert (one["jobs"], two["jobs"]) == (1, 2)
+    for key in ("student", "direct"):
+        assert one[key]["accuracy_by_seed"] == two[key]["accuracy_by_seed"]
+        assert one[key]["accuracy_by_T"] == two[key]["accuracy_by_T"]
+        assert one[key]["firing_rate"] == two[key]["firing_rate"]
+    assert one["gain"] == two["gain"]
+    for name in ("classic", "robust"):
+        assert one["conversion"][name] == two["conversion"][name]
+    assert set(two["timings"]) == {"teacher", "student", "direct", "conversion_classic", "conversion_robust"}
+    assert two["cpu_seconds"] >= sum(two["cpu_timings"][k] for k in two["cpu_timings"] if k != "teacher")
+    with pytest.raises(ValueError, match="jobs must be an int >= 1"):
+        demo.run_demo(tmp_path / "bad", jobs=0, **kw)
