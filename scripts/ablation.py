@@ -8,18 +8,22 @@ demo's student budget (epochs, batch size, T=4). Each run is an ordinary run fol
 finished one is skipped, so an interrupted ablation continues where it stopped. Each result is appended to
 ``OUT/results.jsonl``; at the end a table of last-epoch test accuracy (mean, sample std, per seed) and the
 paired gain over ``direct`` is printed. Extra settings for every recipe: ``--set key=value`` (e.g.
-``--set lr=0.05``), which also goes into the recipe's name.
+``--set lr=0.05``), which also goes into the recipe's name; distillation-only ones (``kd_weight``, ``beta``,
+...) leave the direct baseline as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 from lasnn.demo import DEMO_RECIPES
-from lasnn.distill import distill, load_run, train_snn, train_teacher
+from lasnn.distill import SNNConfig, distill, load_run, train_snn, train_teacher
+
+SNN_FIELDS = {f.name for f in dataclasses.fields(SNNConfig)}
 
 # recipe name -> (trainer, settings); "teacher" is filled in for the distillation recipes
 RECIPES = {
@@ -56,7 +60,6 @@ def main() -> None:
     out = Path(args.out)
     extra = dict(kv.split("=", 1) for kv in args.extra)
     extra = {k: _value(v) for k, v in extra.items()}
-    suffix = "".join(f"-{k}{v}" for k, v in sorted(extra.items()))
     teacher = out / "teacher"
     if not (teacher / "best.pt").exists() or len(load_run(teacher, which="last").metrics) < budget.teacher_epochs:
         train_teacher(out=teacher, dataset=args.dataset, data_dir=args.data_dir, epochs=budget.teacher_epochs,
@@ -64,11 +67,18 @@ def main() -> None:
     common = {"dataset": args.dataset, "data_dir": args.data_dir, "T": args.T, "epochs": budget.student_epochs,
               "batch_size": budget.batch_size, "lr": budget.lr, "quiet": True}
     table: dict[str, dict[int, float]] = {}
+    base_name = "direct"
     for name in args.recipes:
         kind, settings = RECIPES[name]
+        # distillation-only settings (kd_weight, beta, ...) do not apply to the direct baseline, which is then
+        # the same run for every such setting
+        mine = extra if kind == "distill" else {k: v for k, v in extra.items() if k in SNN_FIELDS}
+        suffix = "".join(f"-{k}{v}" for k, v in sorted(mine.items()))
+        if kind == "snn":
+            base_name = name + suffix
         for seed in args.seeds:
             run = out / f"{name}{suffix}-s{seed}"
-            kw = {**common, **settings, **extra, "seed": seed}
+            kw = {**common, **settings, **mine, "seed": seed}
             if kind == "distill":
                 kw["teacher"] = str(teacher)
             if (run / "last.pt").exists() and len(load_run(run, which="last").metrics) >= budget.student_epochs:
@@ -82,7 +92,7 @@ def main() -> None:
                                         **{k: v for k, v in kw.items() if k != "quiet"}}) + "\n")
             table.setdefault(name + suffix, {})[seed] = acc
             print(f"{name + suffix} seed {seed}: {100 * acc:.2f}%", flush=True)
-    base = table.get("direct" + suffix)
+    base = table.get(base_name)
     print(f"\n| recipe | {' | '.join(f'seed {s}' for s in args.seeds)} | mean ± std | gain over direct |")
     print("|---|" + "---|" * (len(args.seeds) + 2))
     for name, accs in table.items():
@@ -90,7 +100,7 @@ def main() -> None:
         m = sum(vals) / len(vals)
         sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else float("nan")
         gain = ""
-        if base is not None and name != "direct" + suffix:
+        if base is not None and name != base_name:
             g = [100 * (accs[s] - base[s]) for s in args.seeds]
             gm = sum(g) / len(g)
             gse = (math.sqrt(sum((x - gm) ** 2 for x in g) / (len(g) - 1)) / math.sqrt(len(g))) if len(g) > 1 else 0

@@ -109,6 +109,7 @@ def test_distill_schedules_reduce_loss_and_beat_chance(teacher, tmp_path, schedu
     run = load_run(out, which="last")
     assert run.model.T == 2 and run.config.schedule == schedule
     assert run.config.beta == 100.0  # the default resolved for a small data set, recorded in config.json
+    assert run.config.kd_weight == 1.0  # likewise the KD weight
     # the reported accuracy is what the saved model gives on the test set
     from lasnn.data import load_dataset
 
@@ -397,6 +398,22 @@ def test_on_step_is_called_after_every_optimizer_step(tmp_path):
     assert per_epoch >= 1 and calls[0] == (0, 1, 1) and calls[-1] == (1, per_epoch, 2 * per_epoch)
     with pytest.raises(TypeError, match="on_step must be a callable"):
         train_snn(out=tmp_path / "e", epochs=1, quiet=True, on_step=3, **SMALL)
+
+
+def test_kd_weight_default_resolves_per_data_set():
+    """``kd_weight=None`` becomes the data set's measured weight (0.25 on MNIST-1D, 1 elsewhere); a given one stays."""
+    from types import SimpleNamespace
+
+    from lasnn.distill.config import DistillConfig
+    from lasnn.distill.objectives import resolve_names
+
+    for name, want in (("mnist1d", 0.25), ("fashionmnist", 1.0), ("synthetic", 1.0)):
+        cfg = resolve_names(DistillConfig(dataset=name, teacher="t"), SimpleNamespace(name=name))
+        assert cfg.kd_weight == want, name
+    assert resolve_names(DistillConfig(dataset="mnist1d", teacher="t", kd_weight=0.5),
+                         SimpleNamespace(name="mnist1d")).kd_weight == 0.5
+    with pytest.raises(ValueError, match="kd_weight"):
+        DistillConfig(teacher="t", kd_weight=-1.0).validate()
 
 
 def test_command_help_states_the_config_defaults():

@@ -32,6 +32,14 @@ def _beta_help() -> str:
             f"{_SMALL_DATA_BETA:g} for the small built-in data sets, whose tiny maps make the loss larger)")
 
 
+def _kd_weight_help() -> str:
+    from lasnn.distill.config import _KD_WEIGHT, DEFAULT_KD_WEIGHT
+
+    per = ", ".join(f"{v:g} for {k}" for k, v in sorted(DEFAULT_KD_WEIGHT.items()))
+    return (f"weight of the KD term (default: {per}, {_KD_WEIGHT:g} elsewhere; weight 1 at temperature 4 can "
+            "collapse a small spiking student whose logits cannot reach the teacher's scale)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     from lasnn.data import DATASETS
 
@@ -157,7 +165,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kd-temperature", dest="kd_temperature", type=float, default=_S,
                    help=f"KD temperature (default {_d('kd_temperature')})")
     p.add_argument("--kd-weight", dest="kd_weight", type=float, default=_S,
-                   help=f"KD weight (default {_d('kd_weight')})")
+                   help=_kd_weight_help())
     p.add_argument("--stage-epochs", dest="stage_epochs", type=int, default=_S,
                    help="layerwise: epochs per attention stage (default max(1, epochs // (2 * pairs)))")
     p.add_argument("--earlier", choices=["freeze", "lr"], default=_S,

@@ -19,7 +19,14 @@ from torch import nn
 
 from lasnn.data import Dataset
 from lasnn.distill.checkpoint import load_checkpoint
-from lasnn.distill.config import DistillConfig, SNNConfig, TeacherConfig, config_from_dict, default_beta
+from lasnn.distill.config import (
+    DistillConfig,
+    SNNConfig,
+    TeacherConfig,
+    config_from_dict,
+    default_beta,
+    default_kd_weight,
+)
 from lasnn.distill.run import RunError, checkpoint_path, load_state
 from lasnn.distill.taps import TappedModel, match_pairs, parameters_reaching
 
@@ -71,6 +78,8 @@ def resolve_names(cfg: TeacherConfig, ds: Dataset) -> TeacherConfig:
             cfg.student = _default_models(ds.name)[1]
         if isinstance(cfg, DistillConfig) and cfg.beta is None:
             cfg.beta = default_beta(ds.name)
+        if isinstance(cfg, DistillConfig) and cfg.kd_weight is None:
+            cfg.kd_weight = default_kd_weight(ds.name)
     elif cfg.model is None:
         cfg.model = _default_models(ds.name)[0]
     return cfg
