@@ -236,7 +236,8 @@ def run_demo(
     test = ds.loader("test", EVAL_BATCH)
     sub = ds if sub_n is None else dataclasses.replace(ds, x_test=ds.x_test[:sub_n], y_test=ds.y_test[:sub_n])
     sweep_test = sub.loader("test", EVAL_BATCH)
-    trun = load_run(out / "teacher")
+    # Last epochs throughout: no model is selected on the test set it is then measured on.
+    trun = load_run(out / "teacher", which="last")
     teacher = trun.model.to(dev).eval()
     teacher_acc = ann_accuracy(teacher, test, dev)
     t_curve = min(T_max, 4 * T)
@@ -245,7 +246,7 @@ def run_demo(
     names = {}
     for base in folders:
         for kind in ("student", "direct"):
-            run = load_run(base / kind)
+            run = load_run(base / kind, which="last")
             names[kind] = run.config.student
             if kind == "student":
                 beta = run.config.beta  # the value the run resolved (None in the recipe: the data set's default)
@@ -372,7 +373,7 @@ def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | Non
     if samples is not None:
         ds = dataclasses.replace(ds, x_test=ds.x_test[:samples], y_test=ds.y_test[:samples])
     dev = _device(device)
-    ann = load_run(teacher).model.to(dev).eval()
+    ann = load_run(teacher, which="last").model.to(dev).eval()
     _, curve, rate = _convert_curve(ann, calib, ds.loader("test", EVAL_BATCH), method=method, percentile=99.9,
                                     initial_membrane=initial_membrane, T_max=T_max, device=dev)
     return curve, rate

@@ -25,6 +25,10 @@ def test_demo_report_fields_and_consistency(demo_dir):
     assert st["label"] == "LaSNN student"
     assert st["accuracy"] == st["accuracy_by_T"]["4"] == st["accuracy_by_seed"][0]
     assert st["accuracy"] > 0.25 + 0.1, "the student did not learn (4 classes)"
+    # the last epoch's model, not the best by test accuracy: nothing is selected on the test set
+    for kind in ("student", "direct"):
+        last = json.loads((demo_dir / kind / "metrics.jsonl").read_text().splitlines()[-1])
+        assert rep[kind]["accuracy"] == last["test_acc"], kind
     # the direct-training baseline: same student, T, epochs and batch, no teacher
     di = rep["direct"]
     assert di["model"] == st["model"] and di["T"] == 4 and 0 <= di["firing_rate"] <= 1
@@ -58,7 +62,7 @@ def test_demo_report_fields_and_consistency(demo_dir):
 def test_convert_and_evaluate_commands(demo_dir, tmp_path, capsys):
     out = tmp_path / "conv"
     assert main(["convert", "--teacher", str(demo_dir / "teacher"), "--method", "max", "--initial-membrane", "0",
-                 "--T-max", "8", "--out", str(out)]) == 0
+                 "--T-max", "8", "--out", str(out), "--which", "last"]) == 0
     res = json.loads((out / "accuracy_vs_T.json").read_text())
     assert res["method"] == "max" and list(res["accuracy_by_T"]) == [str(t) for t in range(1, 9)]
     assert (out / "accuracy_vs_T.png").is_file()
@@ -68,7 +72,8 @@ def test_convert_and_evaluate_commands(demo_dir, tmp_path, capsys):
     assert "teacher" in capsys.readouterr().out  # the table
 
     ev = tmp_path / "ev"
-    assert main(["evaluate", "--run", str(demo_dir / "student"), "--T-max", "6", "--out", str(ev), "--quiet"]) == 0
+    assert main(["evaluate", "--run", str(demo_dir / "student"), "--T-max", "6", "--out", str(ev), "--quiet",
+                 "--which", "last"]) == 0
     res = json.loads((ev / "accuracy_vs_T.json").read_text())
     assert res["kind"] == "student" and res["T"] == 4 and list(res["accuracy_by_T"]) == [str(t) for t in range(1, 7)]
     assert res["accuracy"] == json.loads((demo_dir / "report.json").read_text())["student"]["accuracy"]

@@ -20,7 +20,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     try:
         convert_run(args.teacher, args.out, method=args.method, T_max=args.T_max, percentile=args.percentile,
                     initial_membrane=args.initial_membrane, levels=args.levels, qcfs_epochs=args.qcfs_epochs,
-                    data_dir=args.data_dir, device=args.device, quiet=args.quiet)
+                    data_dir=args.data_dir, device=args.device, which=args.which, quiet=args.quiet)
     except _errors() as e:
         print(f"lasnn convert: error: {e}", file=sys.stderr)
         return 2
@@ -32,7 +32,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         evaluate_run(args.run, T_max=args.T_max, out=args.out, data_dir=args.data_dir, device=args.device,
-                     quiet=args.quiet)
+                     which=args.which, quiet=args.quiet)
     except _errors() as e:
         print(f"lasnn evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -74,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", dest="data_dir", default=None, help="data folder (default: the run's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--which", choices=("best", "last"), default="best",
+                   help="the run's checkpoint: best (highest test accuracy, the SNN literature's convention; "
+                        "default) or last (no selection on the test set; what lasnn demo reports)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=_cmd_convert)
 
@@ -88,5 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: the run folder)")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="data folder (default: the run's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--which", choices=("best", "last"), default="best",
+                   help="the run's checkpoint: best (highest test accuracy, the SNN literature's convention; "
+                        "default) or last (no selection on the test set; what lasnn demo reports)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=_cmd_evaluate)

@@ -139,12 +139,14 @@ def convert_run(
     qcfs_epochs: int = 5,
     data_dir: str | None = None,
     device: str = "auto",
+    which: str = "best",
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Convert a teacher run's ANN and sweep T = 1..T_max; writes ``out/accuracy_vs_T.json`` and ``.png``.
 
     ``method="qcfs"`` fine-tunes the teacher with QCFS activations (``levels``, ``qcfs_epochs``) first
-    unless it already has them. Returns the JSON written.
+    unless it already has them. ``which``: the run's ``"best"`` or ``"last"`` checkpoint. Returns the JSON
+    written.
     """
     from lasnn.data import load_dataset
     from lasnn.distill import load_run
@@ -154,7 +156,7 @@ def convert_run(
     if isinstance(T_max, bool) or not isinstance(T_max, int) or T_max < 1:
         raise ValueError(f"T_max must be an int >= 1, got {T_max!r}")
     t0 = time.perf_counter()
-    run = load_run(teacher)
+    run = load_run(teacher, which=which)
     if run.kind != "teacher":
         raise ValueError(f"--teacher {str(teacher)!r} is a {run.kind} run; conversion needs a train-teacher run")
     dev = _device(device)
@@ -197,18 +199,19 @@ def evaluate_run(
     out: str | os.PathLike | None = None,
     data_dir: str | None = None,
     device: str = "auto",
+    which: str = "best",
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of a run on its test set: for a student SNN the curve over T = 1..T_max (default 4x its T),
-    for a teacher ANN its accuracy. Writes ``accuracy_vs_T.json`` (and ``.png`` for an SNN) to ``out``
-    (default: the run folder)."""
+    for a teacher ANN its accuracy. ``which``: the run's ``"best"`` or ``"last"`` checkpoint. Writes
+    ``accuracy_vs_T.json`` (and ``.png`` for an SNN) to ``out`` (default: the run folder)."""
     from lasnn.data import load_dataset
     from lasnn.distill import load_run
 
     if T_max is not None and (isinstance(T_max, bool) or not isinstance(T_max, int) or T_max < 1):
         raise ValueError(f"T_max must be an int >= 1, got {T_max!r}")
     t0 = time.perf_counter()
-    run = load_run(run_dir)
+    run = load_run(run_dir, which=which)
     dev = _device(device)
     ds = load_dataset(run.dataset, data_dir if data_dir is not None else run.config.data_dir)
     _, test = _loaders(ds, EVAL_BATCH)
