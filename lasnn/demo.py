@@ -67,7 +67,8 @@ class DemoRecipe:
 # choice and how to rerun it.
 DEMO_RECIPES: dict[str, DemoRecipe] = {
     # MNIST-1D: the teacher (98.3%) is no better than the student trained directly (98.1%), so no recipe
-    # measured beats direct training; logit KD at a quarter of the weight ties it (+0.00 +- 0.15, 3 seeds), while
+    # measured beats direct training; logit KD at a quarter of the weight ties it (+0.00 +- 0.15 over 3 seeds with
+    # the ablation's teacher, -0.23 +- 0.32 with the demo's own), while
     # KD at weight 1 loses 1.85 (2 seeds) and the layer-wise schedule 0.67 (the KD gradient, tau * (p_s - p_t) at tau=4,
     # swamps cross-entropy for a spiking student that cannot reach the teacher's logit scale).
     "mnist1d": DemoRecipe(20, 30, 64, schedule="joint", stage_epochs=None, kd_weight=0.25, beta=0.0),
