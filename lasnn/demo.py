@@ -73,9 +73,11 @@ DEMO_RECIPES: dict[str, DemoRecipe] = {
     # swamps cross-entropy for a spiking student that cannot reach the teacher's logit scale).
     "mnist1d": DemoRecipe(20, 30, 64, schedule="joint", stage_epochs=None, kd_weight=0.25, beta=0.0),
     "digits": DemoRecipe(10, 10, 64),
-    # Logit KD (joint, beta=0) is the recipe measured to beat direct training here: +1.54 +- 0.11 points
-    # over 3 seeds; adding the attention term (beta=100) costs 0.26 +- 0.02 of that; layer-wise not measured.
-    "fashionmnist": DemoRecipe(8, 8, 128, schedule="joint", stage_epochs=None, beta=0.0, sweep_samples=2000),
+    # Logit KD (joint, beta=0) is the recipe measured to beat direct training here: +1.18 +- 0.09 points over
+    # 3 seeds against direct training at its own best rate (0.2; KD's is 0.1); adding the attention term
+    # (beta=100) costs 0.26 +- 0.02 of that; the layer-wise schedule is 1.04 +- 0.18 behind KD alone.
+    "fashionmnist": DemoRecipe(8, 8, 128, direct_lr=0.2, schedule="joint", stage_epochs=None, beta=0.0,
+                               sweep_samples=2000),
     "synthetic": DemoRecipe(2, 4, 64),
 }
 _DEFAULT_RECIPE = DemoRecipe(30, 30, 128, stage_epochs=None)  # cifar-scale data sets (meant for a GPU)

@@ -748,14 +748,57 @@ def test_low_memory_bptt_gives_bit_identical_gradients_and_saves_memory(name, kw
     assert all(torch.equal(a, b) for a, b in zip(plain, low, strict=True))
     assert snn.low_memory  # the default
 
-    # memory: peak bytes allocated during forward + backward, from the profiler's allocator events
-    def peak(low: bool) -> int:
-        from lasnn.testing import peak_allocated_bytes
+    # memory, from the profiler's allocator events: what autograd keeps after the forward (peak of a forward
+    # whose graph stays alive) and the peak of forward + backward
+    from lasnn.testing import peak_allocated_bytes
 
+    def peaks(low: bool) -> tuple[int, int]:
         snn.low_memory = low
-        return peak_allocated_bytes(lambda: F.cross_entropy(snn(x), y).backward(), "cpu")
+        keep = []
+        kept = peak_allocated_bytes(lambda: keep.append(F.cross_entropy(snn(x), y)), "cpu")
+        keep.clear()
+        return kept, peak_allocated_bytes(lambda: F.cross_entropy(snn(x), y).backward(), "cpu")
 
-    assert peak(True) < 0.85 * peak(False)
+    (kept_plain, step_plain), (kept_low, step_low) = peaks(False), peaks(True)
+    assert kept_low < 0.85 * kept_plain  # measured: 0.54 (mnist1d), 0.78 (fashion), 0.55 (resnet20)
+    # fashion_cnn_small's step peak is the backward's working set at its first layer (recomputed batch-norm
+    # output, incoming and outgoing gradients: as in the plain path), not what was saved: 0.96 measured. Never
+    # above the plain path: a registry that outlived the forward once kept every batch-norm input alive (1.12).
+    assert step_low < (1.0 if name == "fashion_cnn_small" else 0.85) * step_plain
+
+
+def test_low_memory_recomputes_batch_norm_outputs_only_when_it_may():
+    from lasnn.nn import lowmem
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    snn = spikify(ann, T=3).train()
+    snn.body[4].eval()  # running statistics: its input is not saved, so its output is saved as usual
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,))
+    kinds: list[str] = []
+    pack = lowmem._SpikeBits.pack
+
+    def counting(self, t):
+        out = pack(self, t)
+        kinds.append(type(out).__name__)
+        return out
+
+    lowmem._SpikeBits.pack = counting
+    try:
+        low = _grads(snn, x, y, True)
+    finally:
+        lowmem._SpikeBits.pack = pack
+    assert kinds.count("_Recompute") == 1, kinds
+    assert all(torch.equal(a, b) for a, b in zip(_grads(snn, x, y, False), low, strict=True))
+
+    # a batch-norm weight changed in place between forward and backward: a clear error, not a wrong gradient
+    snn.low_memory = True
+    loss = F.cross_entropy(snn(x), y)
+    with torch.no_grad():
+        snn.body[1].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="batch norm's weight was modified in place"):
+        loss.backward()
 
 
 def test_low_memory_steps_aside_for_checkpointing_and_leaves_no_hooks():
@@ -770,6 +813,11 @@ def test_low_memory_steps_aside_for_checkpointing_and_leaves_no_hooks():
     F.cross_entropy(checkpoint(snn, x, use_reentrant=False), y).backward()
     assert all(torch.equal(a, p.grad) for a, p in zip(want, snn.parameters(), strict=True))
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    from torch.nn.modules import module as torch_module
+
+    hooks_before = dict(torch_module._global_forward_hooks)
+    _grads(snn, x, y, True)
+    assert dict(torch_module._global_forward_hooks) == hooks_before  # the batch-norm hook went with the block
     with torch.no_grad():  # no graph, nothing saved: the plain path
         snn(x)
 

@@ -1,24 +1,37 @@
-"""Lossless low-memory BPTT: spikes that autograd saves for the backward are kept as bits.
+"""Lossless low-memory BPTT: saved spikes kept as bits, saved batch-norm outputs recomputed.
 
 A spiking layer's output is exactly 0 or 1, yet the conv/linear (or pooling, or attention loss) that reads it
-saves it for its backward as a full float tensor, ``T`` times larger than in the ANN. Inside
-:func:`spike_bits` (which ``lasnn.nn.SNN`` enters in every forward that builds a graph, unless its
-``low_memory`` is False), every spike tensor a LIF/IF site emits is registered, and a
-``torch.autograd.graph.saved_tensors_hooks`` pair stores any registered tensor that autograd saves as one
-bit per element (uint8 words), and unpacks it to the same dtype when the backward needs it. The values are
-the same, so gradients are bit-identical; only the saved copy shrinks 32x (fp32). Tensors that are not
-registered spikes are saved as usual.
+saves it for its backward as a full float tensor, ``T`` times larger than in the ANN. And the neuron after a
+batch norm saves the batch norm's output, while the batch norm itself saves its input: two float ``[T, ...]``
+tensors per layer where one determines the other. Inside :func:`spike_bits` (which ``lasnn.nn.SNN`` enters in
+every forward that builds a graph, unless its ``low_memory`` is False), a
+``torch.autograd.graph.saved_tensors_hooks`` pair changes what autograd keeps:
+
+- every spike tensor a LIF/IF site emits is registered, and a registered tensor that autograd saves is stored as
+  one bit per element (uint8 words), unpacked to the same dtype when the backward needs it;
+- the output of every ``nn.BatchNorm1d/2d/3d`` in training mode (batch statistics) is registered with its input,
+  weight and bias, and when autograd saves it (the neuron's backward needs it), only that reference is kept: the
+  backward recomputes it with the same batch-norm forward on the same input, which the batch norm's own
+  backward keeps anyway.
+
+The values are the same, so gradients are bit-identical (tested on the zoo models); the saved copy of spikes
+shrinks 32x (fp32), that of a batch-norm output to nothing, for one extra batch-norm forward per layer in the
+backward. Tensors that are neither are saved as usual; so is either kind changed in place after it was made.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
 
 from lasnn.ops.spike_bits import pack_bits, unpack_bits
 
@@ -34,6 +47,49 @@ class _Packed:
         self.bits, self.shape, self.dtype = pack_bits(t), t.shape, t.dtype
 
 
+class _BNOutput:
+    """What a saved batch-norm output is recomputed from: ``F.batch_norm`` in training mode on the same input
+    (batch statistics; the running statistics are not touched again)."""
+
+    __slots__ = ("bias", "bias_version", "cache", "eps", "weight", "weight_version", "x", "x_version")
+
+    def __init__(self, x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        self.x, self.x_version = x, x._version
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+        self.weight_version = None if bn.weight is None else bn.weight._version
+        self.bias_version = None if bn.bias is None else bn.bias._version
+        self.cache: weakref.ref[torch.Tensor] | None = None
+
+    def output(self) -> torch.Tensor:
+        y = self.cache() if self.cache is not None else None
+        if y is not None:
+            return y
+        for name, t, v in (("input", self.x, self.x_version), ("weight", self.weight, self.weight_version),
+                           ("bias", self.bias, self.bias_version)):
+            if t is not None and t._version != v:
+                raise RuntimeError(
+                    f"lasnn low-memory BPTT: a batch norm's {name} was modified in place between the forward and "
+                    "the backward, so its output cannot be recomputed (set snn.low_memory = False to save it instead)"
+                )
+        with torch.no_grad():
+            y = F.batch_norm(self.x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        self.cache = weakref.ref(y)
+        return y
+
+
+class _Recompute:
+    __slots__ = ("offset", "shape", "source", "stride")
+
+    def __init__(self, t: torch.Tensor, source: _BNOutput) -> None:
+        self.source, self.shape, self.stride, self.offset = source, t.shape, t.stride(), t.storage_offset()
+
+    def tensor(self) -> torch.Tensor:
+        return self.source.output().as_strided(self.shape, self.stride, self.offset)
+
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 class _SpikeBits:
     def __init__(self) -> None:
         # storage address -> the spike tensor, weakly: an address is trusted only while its spikes live
@@ -42,6 +98,21 @@ class _SpikeBits:
         # The version counter (shared by views) at marking: a spike tensor changed in place since then is
         # no longer 0/1 and is saved as usual.
         self.spikes: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+        # storage address -> (the batch-norm output, weakly; its version; how to recompute it). Only the tensor
+        # itself (same storage, same version) is recomputed: a view into it is recovered by as_strided.
+        self.bn_outputs: dict[int, tuple[weakref.ref[torch.Tensor], int, _BNOutput]] = {}
+
+    def mark_bn(self, bn: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if type(bn) not in _BN_TYPES or not bn.training or len(args) != 1:
+            return
+        x = args[0]
+        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)) or x.device.type == "meta":
+            return
+        if not (x.requires_grad or any(p is not None and p.requires_grad for p in (bn.weight, bn.bias))):
+            return  # the batch norm saves nothing, so its input would be kept alive for us alone
+        if torch.is_autocast_enabled(x.device.type) or out.untyped_storage().data_ptr() == 0:
+            return
+        self.bn_outputs[out.untyped_storage().data_ptr()] = (weakref.ref(out), out._version, _BNOutput(x, bn))
 
     def mark(self, t: torch.Tensor) -> None:
         if t.device.type != "meta" and t.untyped_storage().data_ptr() != 0:
@@ -58,11 +129,20 @@ class _SpikeBits:
         if (s is not None and s.untyped_storage().data_ptr() == ptr and s.device == t.device and s.dtype == t.dtype
                 and t._version == entry[1]):
             return _Packed(t)
+        bn_entry = self.bn_outputs.get(ptr)
+        y = bn_entry[0]() if bn_entry is not None else None
+        if (y is not None and y.untyped_storage().data_ptr() == ptr and y.device == t.device and y.dtype == t.dtype
+                and t._version == bn_entry[1]):
+            return _Recompute(t, bn_entry[2])
         return t
 
     @staticmethod
     def unpack(p: Any) -> torch.Tensor:
-        return unpack_bits(p.bits, p.shape, p.dtype) if isinstance(p, _Packed) else p
+        if isinstance(p, _Packed):
+            return unpack_bits(p.bits, p.shape, p.dtype)
+        if isinstance(p, _Recompute):
+            return p.tensor()
+        return p
 
 
 def _other_hooks_active() -> bool:
@@ -81,7 +161,8 @@ def mark_spikes(t: torch.Tensor) -> None:
 
 @contextlib.contextmanager
 def spike_bits() -> Iterator[None]:
-    """Inside the block, spikes registered by ``mark_spikes`` that autograd saves are stored as bits.
+    """Inside the block, spikes registered by ``mark_spikes`` that autograd saves are stored as bits, and saved
+    outputs of training-mode batch norms are recomputed in the backward (see the module docstring).
 
     Nested blocks share the outer one. Where other saved-tensor hooks are already active (activation
     checkpointing, ``torch.autograd.graph.save_on_cpu``, ...) the block does nothing, so theirs keep working
@@ -93,8 +174,21 @@ def spike_bits() -> Iterator[None]:
         return
     state = _SpikeBits()
     token = _ACTIVE.set(state)
+    # a global module hook (removed with the block) sees every batch norm the block runs, whoever built it; it
+    # acts only for this block's context (other threads have their own)
+    handle = register_module_forward_hook(functools.partial(_mark_bn_hook, state))
     try:
         with torch.autograd.graph.saved_tensors_hooks(state.pack, state.unpack):
             yield
     finally:
+        handle.remove()
         _ACTIVE.reset(token)
+        # the registries may outlive the block (autograd keeps the hooks with what they saved): drop what they
+        # reference, or a batch norm's input would live until the whole backward ends
+        state.spikes.clear()
+        state.bn_outputs.clear()
+
+
+def _mark_bn_hook(state: _SpikeBits, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+    if _ACTIVE.get() is state and type(module) in _BN_TYPES:
+        state.mark_bn(module, args, out)

@@ -4,7 +4,9 @@ How it works (and why unmodified forward code such as torchvision's ResNet/VGG k
 
 - the SNN holds a copy of the ANN (``body``; weights copied, or shared with ``copy=False``) in which
   every activation module (``nn.ReLU`` by default) is replaced by a :class:`FoldedNeuron` wrapping a
-  multi-step spiking neuron;
+  multi-step spiking neuron, and every ``nn.AvgPool1d``/``nn.AvgPool2d`` whose windows tile its input
+  (stride = kernel, no padding) by ``lasnn.nn.AvgPool1d``/``AvgPool2d``: the same results from a fused CPU
+  kernel that saves nothing for the backward;
 - input ``[B, ...]`` is encoded to ``[T, B, ...]`` and folded to ``[T*B, ...]``; the body's own
   ``forward`` then runs every stateless layer (conv, linear, batch norm, pooling, dropout, flatten,
   residual additions) on all T steps at once, batch norm sharing its statistics over time;
@@ -48,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 from lasnn.nn.encoders import DirectEncoder, PoissonEncoder, check_T
 from lasnn.nn.lowmem import mark_spikes, spike_bits
 from lasnn.nn.neurons import LIF, count_spikes
+from lasnn.nn.pool import fast_pool
 
 __all__ = [
     "ANALOG_FUNCTIONS", "ANALOG_MODULES", "DEFAULT_ACTIVATIONS", "SNN", "AnalogActivationWarning", "FoldedNeuron",
@@ -570,6 +573,8 @@ def spikify(
             if isinstance(child, activations):
                 setattr(parent, name, FoldedNeuron(factory(), T))
                 replaced += 1
+            elif (pool := fast_pool(child)) is not None:
+                setattr(parent, name, pool)  # same result, fused CPU kernel (lasnn.nn.pool)
     if replaced == 0:
         names = ", ".join(a.__name__ for a in activations)
         raise ValueError(

@@ -1,0 +1,167 @@
+// Non-overlapping average pooling on CPU (kernel = stride, no padding, floor mode): the pooling of a
+// spiking layer's output, which the time-folded SNN body runs on tensors T times larger than the ANN's.
+// ATen's NCHW avg_pool2d kernel is generic (window bounds and divisor per output element, no
+// vectorisation) and cost as much as the convolution next to it on a T=4 student; this one walks each
+// [H, W] plane a row of windows at a time.
+//
+//   avg_pool_fwd(x [P..., H, W] or [P..., L], kernel [kh, kw] or [k]) -> out [P..., H/kh, W/kw] (floor)
+//     out[p, i, j] = (sum_{a < kh, b < kw} x[p, i*kh + a, j*kw + b]) / (kh*kw)
+//   avg_pool_bwd(grad_out, input_sizes, kernel) -> grad_x [input_sizes]
+//     grad_x[p, h, w] = grad_out[p, h/kh, w/kw] / (kh*kw) inside a window, 0 in the rows/columns the floor
+//     mode drops.
+// The window is summed in ATen's order (row by row, left to right, from 0, in opmath: fp32 for
+// fp16/bf16) and divided, not multiplied by a reciprocal, so results are bit-identical to
+// torch.nn.functional.avg_pool1d/2d with the same kernel and stride (tested in tests/test_avg_pool.py).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace lasnn {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // input elements per parallel task
+
+struct PoolGeom {
+  int64_t planes, H, W, kh, kw, Ho, Wo;
+};
+
+PoolGeom geometry(at::IntArrayRef sizes, at::IntArrayRef kernel, const char* op) {
+  const int64_t d = static_cast<int64_t>(kernel.size());
+  TORCH_CHECK_VALUE(d == 1 || d == 2, op, ": kernel must have 1 or 2 sizes, got ", kernel);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(sizes.size()) >= d + 1, op, ": input must have at least ", d + 1,
+                    " dims for a ", d, "-d pool, got sizes ", sizes);
+  for (int64_t k : kernel) TORCH_CHECK_VALUE(k >= 1, op, ": kernel sizes must be >= 1, got ", kernel);
+  PoolGeom g{};
+  const int64_t r = static_cast<int64_t>(sizes.size());
+  g.H = d == 2 ? sizes[r - 2] : 1;
+  g.W = sizes[r - 1];
+  g.kh = d == 2 ? kernel[0] : 1;
+  g.kw = kernel[d - 1];
+  TORCH_CHECK_VALUE(g.H >= g.kh && g.W >= g.kw, op, ": input spatial sizes ", sizes.slice(r - d),
+                    " are smaller than the kernel ", kernel);
+  g.planes = 1;
+  for (int64_t i = 0; i < r - d; ++i) g.planes *= sizes[i];
+  g.Ho = g.H / g.kh;
+  g.Wo = g.W / g.kw;
+  return g;
+}
+
+std::vector<int64_t> out_sizes(at::IntArrayRef sizes, const PoolGeom& g, int64_t d) {
+  std::vector<int64_t> s(sizes.begin(), sizes.end());
+  if (d == 2) s[s.size() - 2] = g.Ho;
+  s[s.size() - 1] = g.Wo;
+  return s;
+}
+
+// One output row of windows: kh input rows starting at `in`, row stride W.
+template <typename scalar_t, int KH, int KW>
+inline void pool_row(const scalar_t* in, scalar_t* out, int64_t W, int64_t Wo, int64_t kh, int64_t kw,
+                     at::opmath_type<scalar_t> div) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t KHr = KH > 0 ? KH : kh;
+  const int64_t KWr = KW > 0 ? KW : kw;
+  for (int64_t j = 0; j < Wo; ++j) {
+    acc_t s = 0;
+    for (int64_t a = 0; a < KHr; ++a) {
+      const scalar_t* r = in + a * W + j * KWr;
+      for (int64_t b = 0; b < KWr; ++b) s += static_cast<acc_t>(r[b]);
+    }
+    out[j] = static_cast<scalar_t>(s / div);
+  }
+}
+
+template <typename scalar_t, int KH, int KW>
+void pool_fwd_planes(const scalar_t* x, scalar_t* y, const PoolGeom& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t div = static_cast<acc_t>(g.kh * g.kw);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.H * g.W));
+  at::parallel_for(0, g.planes, grain, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const scalar_t* xp = x + p * g.H * g.W;
+      scalar_t* yp = y + p * g.Ho * g.Wo;
+      for (int64_t i = 0; i < g.Ho; ++i) {
+        pool_row<scalar_t, KH, KW>(xp + i * g.kh * g.W, yp + i * g.Wo, g.W, g.Wo, g.kh, g.kw, div);
+      }
+    }
+  });
+}
+
+at::Tensor avg_pool_fwd_cpu(const at::Tensor& x_, at::IntArrayRef kernel) {
+  TORCH_CHECK_VALUE(x_.is_floating_point(), "lasnn::avg_pool_fwd: x must be a floating tensor, got ",
+                    x_.scalar_type());
+  const PoolGeom g = geometry(x_.sizes(), kernel, "lasnn::avg_pool_fwd");
+  const int64_t d = static_cast<int64_t>(kernel.size());
+  const at::Tensor x = x_.contiguous();
+  at::Tensor y = at::empty(out_sizes(x.sizes(), g, d), x.options());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "avg_pool_fwd_cpu", [&] {
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    scalar_t* yd = y.mutable_data_ptr<scalar_t>();
+    // the kernels of the zoo's pools get fixed trip counts, which the compiler unrolls
+    if (g.kh == 2 && g.kw == 2) {
+      pool_fwd_planes<scalar_t, 2, 2>(xd, yd, g);
+    } else if (g.kh == 1 && g.kw == 2) {
+      pool_fwd_planes<scalar_t, 1, 2>(xd, yd, g);
+    } else {
+      pool_fwd_planes<scalar_t, 0, 0>(xd, yd, g);
+    }
+  });
+  return y;
+}
+
+at::Tensor avg_pool_bwd_cpu(const at::Tensor& grad_out_, at::IntArrayRef input_sizes, at::IntArrayRef kernel) {
+  TORCH_CHECK_VALUE(grad_out_.is_floating_point(), "lasnn::avg_pool_bwd: grad_out must be a floating tensor, got ",
+                    grad_out_.scalar_type());
+  const PoolGeom g = geometry(input_sizes, kernel, "lasnn::avg_pool_bwd");
+  const int64_t d = static_cast<int64_t>(kernel.size());
+  const std::vector<int64_t> expect = out_sizes(input_sizes, g, d);
+  TORCH_CHECK_VALUE(grad_out_.sizes() == at::IntArrayRef(expect), "lasnn::avg_pool_bwd: grad_out must have sizes ",
+                    at::IntArrayRef(expect), " for input sizes ", input_sizes, " and kernel ", kernel, ", got ",
+                    grad_out_.sizes());
+  const at::Tensor go = grad_out_.contiguous();  // an expanded gradient is read once here, then freed
+  at::Tensor gx = at::empty(input_sizes, go.options());
+  if (gx.numel() == 0) return gx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "avg_pool_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t div = static_cast<acc_t>(g.kh * g.kw);
+    const scalar_t* god = go.const_data_ptr<scalar_t>();
+    scalar_t* gxd = gx.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.H * g.W));
+    at::parallel_for(0, g.planes, grain, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const scalar_t* gop = god + p * g.Ho * g.Wo;
+        scalar_t* gxp = gxd + p * g.H * g.W;
+        for (int64_t h = 0; h < g.H; ++h) {
+          scalar_t* row = gxp + h * g.W;
+          const int64_t i = h / g.kh;
+          if (i >= g.Ho) {  // rows the floor mode dropped
+            for (int64_t w = 0; w < g.W; ++w) row[w] = scalar_t(0);
+            continue;
+          }
+          const scalar_t* grow = gop + i * g.Wo;
+          for (int64_t j = 0; j < g.Wo; ++j) {
+            // ATen adds grad/div to a zeroed gradient: 0 + v (which turns -0 into +0, as it does)
+            const scalar_t v = static_cast<scalar_t>(acc_t(0) + static_cast<acc_t>(grow[j]) / div);
+            for (int64_t c = 0; c < g.kw; ++c) row[j * g.kw + c] = v;
+          }
+          for (int64_t w = g.Wo * g.kw; w < g.W; ++w) row[w] = scalar_t(0);
+        }
+      }
+    });
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lasnn, CPU, m) {
+  m.impl("avg_pool_fwd", &avg_pool_fwd_cpu);
+  m.impl("avg_pool_bwd", &avg_pool_bwd_cpu);
+}
+
+}  // namespace lasnn

@@ -1,0 +1,74 @@
+"""Average pools on lasnn's pooling op: drop-in subclasses of ``nn.AvgPool1d`` / ``nn.AvgPool2d``.
+
+``spikify`` puts them in place of the ANN's torch pools whose windows do not overlap (stride = kernel,
+no padding, floor mode, no divisor override), so the time-folded body pools with the fused CPU kernel
+(``lasnn.ops.avg_pool``: bit-identical results, no saved input). Any other configuration, and any
+non-CPU tensor, runs the torch pool's own forward. Being subclasses, they keep the torch pool's
+attributes, ``repr``, state dict (none) and ``isinstance`` checks (NIR export).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lasnn.ops.avg_pool import avg_pool
+
+__all__ = ["AvgPool1d", "AvgPool2d", "fast_pool"]
+
+
+def _pair(v: int | tuple[int, ...], n: int) -> tuple[int, ...]:
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def _plain_windows(m: nn.AvgPool1d | nn.AvgPool2d, dims: int) -> tuple[int, ...] | None:
+    """The kernel if ``m``'s windows tile its input (stride = kernel, no padding, floor mode, plain divisor)."""
+    k = _pair(m.kernel_size, dims)
+    stride = _pair(m.stride, dims) if m.stride is not None and m.stride != () else k
+    if (len(k) != dims or stride != k or any(p != 0 for p in _pair(m.padding, dims)) or m.ceil_mode
+            or getattr(m, "divisor_override", None) is not None):
+        return None
+    return k
+
+
+class AvgPool1d(nn.AvgPool1d):
+    """``nn.AvgPool1d`` that pools ``[N, C, L]`` CPU tensors with the fused kernel when its windows tile the
+    input (stride = kernel, no padding, floor mode); otherwise exactly ``nn.AvgPool1d``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``[N, C, L]`` -> ``[N, C, L_out]`` (``[C, L]`` unbatched: torch's pool)."""
+        k = _plain_windows(self, 1)
+        if k is None or input.dim() != 3:
+            return super().forward(input)
+        return avg_pool(input, list(k))
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """``nn.AvgPool2d`` that pools ``[N, C, H, W]`` CPU tensors with the fused kernel when its windows tile
+    the input (stride = kernel, no padding, floor mode, no divisor override); otherwise exactly
+    ``nn.AvgPool2d``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` -> ``[N, C, H_out, W_out]`` (``[C, H, W]`` unbatched: torch's pool)."""
+        k = _plain_windows(self, 2)
+        if k is None or input.dim() != 4:
+            return super().forward(input)
+        return avg_pool(input, list(k))
+
+
+def fast_pool(m: nn.Module) -> nn.Module | None:
+    """The lasnn pool that computes what ``m`` does (same arguments), or None when ``m`` is not a plain
+    ``nn.AvgPool1d``/``nn.AvgPool2d`` whose windows tile its input (stride = kernel, no padding, floor mode),
+    or has hooks (subclasses and lasnn pools are left as they are)."""
+    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        return None  # a hook someone registered on this module object would be lost
+    if type(m) not in (nn.AvgPool1d, nn.AvgPool2d) or _plain_windows(m, 1 if type(m) is nn.AvgPool1d else 2) is None:
+        return None
+    if type(m) is nn.AvgPool1d:
+        new: nn.Module = AvgPool1d(m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
+    elif type(m) is nn.AvgPool2d:
+        new = AvgPool2d(m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+    else:
+        return None
+    new.train(m.training)
+    return new
