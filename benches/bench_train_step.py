@@ -10,6 +10,7 @@ channels, 2x2 average pooling after every second one) and a linear classifier, o
 
 - ``ann``: the network with ReLU;
 - ``lasnn``: ``lasnn.spikify`` of it (LIF tau=2, hard reset), low-memory BPTT on (spikes saved as bits);
+- ``lasnn_recompute``: the same with ``snn.low_memory = "recompute"`` (batch-norm outputs recomputed too);
 - ``lasnn_plain``: the same with ``snn.low_memory = False``;
 - ``spikingjelly``: SpikingJelly 2.0 multi-step layers, ``LIFNode(tau=2)`` (its default backend);
 - ``spikingjelly_memopt``: that, after ``memopt.optimize_memory(level=1)`` (skipped where it cannot run,
@@ -36,7 +37,7 @@ T = 4
 BATCHES = (16, 48)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROUNDS = int(os.environ.get("LASNN_BENCH_ROUNDS", "5"))
-ROWS = ("ann", "lasnn", "lasnn_plain", "spikingjelly", "spikingjelly_memopt")
+ROWS = ("ann", "lasnn", "lasnn_recompute", "lasnn_plain", "spikingjelly", "spikingjelly_memopt")
 _peaks: dict[tuple[str, int], int] = {}
 
 
@@ -91,7 +92,7 @@ def _model(row: str, x: torch.Tensor):
     if row == "ann":
         return ann, ann
     snn = lasnn.spikify(ann, T=T).to(DEVICE)
-    snn.low_memory = row == "lasnn"
+    snn.low_memory = {"lasnn": True, "lasnn_recompute": "recompute", "lasnn_plain": False}[row]
     return snn, snn
 
 

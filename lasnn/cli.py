@@ -31,8 +31,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  CPU LIF kernels (fp32, bf16): {_ext.cpu_lif_isa()} build (LASNN_CPU_ISA caps it; fp16/fp64: base)")
     print(f"triton: {'importable' if _ext.HAS_TRITON else _ext.TRITON_ERROR}"
           f"{' (TRITON_INTERPRET=1: runs on CPU tensors)' if _ext.triton_interpret() else ''}")
-    print("training memory: spikes autograd saves are kept as bits (SNN.low_memory, default True; per spiking layer "
-          "the conv output, the batch-norm output and 1 bit per spike are saved)")
+    print("training memory (SNN.low_memory): True (default) keeps the spikes autograd saves as bits: per spiking "
+          "layer the conv output, the batch-norm output and 1 bit per spike are saved; \"recompute\" also drops the "
+          "batch-norm output (recomputed in the backward); average pools save nothing")
     print()
     width = max(len(op) for op in backends.OPS)
     for op, b, status in backends.table():

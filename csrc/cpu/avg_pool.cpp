@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace lasnn {
@@ -114,6 +115,26 @@ at::Tensor avg_pool_fwd_cpu(const at::Tensor& x_, at::IntArrayRef kernel) {
   return y;
 }
 
+// One plane's gradient: the first input row of each window row is written from grad_out, the other
+// kh - 1 rows copy it; rows and columns the floor mode dropped are zero.
+template <typename scalar_t, int KW>
+void pool_bwd_plane(const scalar_t* gop, scalar_t* gxp, const PoolGeom& g, at::opmath_type<scalar_t> div) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t kw = KW > 0 ? KW : g.kw;
+  for (int64_t i = 0; i < g.Ho; ++i) {
+    scalar_t* row = gxp + i * g.kh * g.W;
+    const scalar_t* grow = gop + i * g.Wo;
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      // ATen adds grad / div to a zeroed gradient: 0 + v (which turns -0 into +0, as it does)
+      const scalar_t v = static_cast<scalar_t>(acc_t(0) + static_cast<acc_t>(grow[j]) / div);
+      for (int64_t c = 0; c < kw; ++c) row[j * kw + c] = v;
+    }
+    for (int64_t w = g.Wo * kw; w < g.W; ++w) row[w] = scalar_t(0);
+    for (int64_t a = 1; a < g.kh; ++a) std::memcpy(row + a * g.W, row, g.W * sizeof(scalar_t));
+  }
+  if (g.Ho * g.kh < g.H) std::memset(gxp + g.Ho * g.kh * g.W, 0, (g.H - g.Ho * g.kh) * g.W * sizeof(scalar_t));
+}
+
 at::Tensor avg_pool_bwd_cpu(const at::Tensor& grad_out_, at::IntArrayRef input_sizes, at::IntArrayRef kernel) {
   TORCH_CHECK_VALUE(grad_out_.is_floating_point(), "lasnn::avg_pool_bwd: grad_out must be a floating tensor, got ",
                     grad_out_.scalar_type());
@@ -136,20 +157,10 @@ at::Tensor avg_pool_bwd_cpu(const at::Tensor& grad_out_, at::IntArrayRef input_s
       for (int64_t p = b; p < e; ++p) {
         const scalar_t* gop = god + p * g.Ho * g.Wo;
         scalar_t* gxp = gxd + p * g.H * g.W;
-        for (int64_t h = 0; h < g.H; ++h) {
-          scalar_t* row = gxp + h * g.W;
-          const int64_t i = h / g.kh;
-          if (i >= g.Ho) {  // rows the floor mode dropped
-            for (int64_t w = 0; w < g.W; ++w) row[w] = scalar_t(0);
-            continue;
-          }
-          const scalar_t* grow = gop + i * g.Wo;
-          for (int64_t j = 0; j < g.Wo; ++j) {
-            // ATen adds grad/div to a zeroed gradient: 0 + v (which turns -0 into +0, as it does)
-            const scalar_t v = static_cast<scalar_t>(acc_t(0) + static_cast<acc_t>(grow[j]) / div);
-            for (int64_t c = 0; c < g.kw; ++c) row[j * g.kw + c] = v;
-          }
-          for (int64_t w = g.Wo * g.kw; w < g.W; ++w) row[w] = scalar_t(0);
+        if (g.kw == 2) {
+          pool_bwd_plane<scalar_t, 2>(gop, gxp, g, div);
+        } else {
+          pool_bwd_plane<scalar_t, 0>(gop, gxp, g, div);
         }
       }
     });

@@ -9,14 +9,15 @@ every forward that builds a graph, unless its ``low_memory`` is False), a
 
 - every spike tensor a LIF/IF site emits is registered, and a registered tensor that autograd saves is stored as
   one bit per element (uint8 words), unpacked to the same dtype when the backward needs it;
-- the output of every ``nn.BatchNorm1d/2d/3d`` in training mode (batch statistics) is registered with its input,
-  weight and bias, and when autograd saves it (the neuron's backward needs it), only that reference is kept: the
-  backward recomputes it with the same batch-norm forward on the same input, which the batch norm's own
-  backward keeps anyway.
+- with ``recompute_batch_norm`` (``snn.low_memory = "recompute"``), the output of every ``nn.BatchNorm1d/2d/3d``
+  in training mode (batch statistics) is registered with its input, weight and bias, and when autograd saves it
+  (the neuron's backward needs it), only that reference is kept: the backward recomputes it with the same
+  batch-norm forward on the same input, which the batch norm's own backward keeps anyway.
 
-The values are the same, so gradients are bit-identical (tested on the zoo models); the saved copy of spikes
-shrinks 32x (fp32), that of a batch-norm output to nothing, for one extra batch-norm forward per layer in the
-backward. Tensors that are neither are saved as usual; so is either kind changed in place after it was made.
+The values are the same, so gradients are bit-identical (tested on the zoo models). The saved copy of spikes
+shrinks 32x (fp32) at no measurable cost; that of a batch-norm output to nothing, for one more batch-norm
+forward per layer in the backward (+12-18% step time on a CPU, measured: hence not the default). Tensors that
+are neither are saved as usual; so is either kind changed in place after it was made.
 """
 
 from __future__ import annotations
@@ -160,9 +161,10 @@ def mark_spikes(t: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def spike_bits() -> Iterator[None]:
-    """Inside the block, spikes registered by ``mark_spikes`` that autograd saves are stored as bits, and saved
-    outputs of training-mode batch norms are recomputed in the backward (see the module docstring).
+def spike_bits(recompute_batch_norm: bool = False) -> Iterator[None]:
+    """Inside the block, spikes registered by ``mark_spikes`` that autograd saves are stored as bits, and with
+    ``recompute_batch_norm`` saved outputs of training-mode batch norms are recomputed in the backward (see the
+    module docstring).
 
     Nested blocks share the outer one. Where other saved-tensor hooks are already active (activation
     checkpointing, ``torch.autograd.graph.save_on_cpu``, ...) the block does nothing, so theirs keep working
@@ -176,12 +178,13 @@ def spike_bits() -> Iterator[None]:
     token = _ACTIVE.set(state)
     # a global module hook (removed with the block) sees every batch norm the block runs, whoever built it; it
     # acts only for this block's context (other threads have their own)
-    handle = register_module_forward_hook(functools.partial(_mark_bn_hook, state))
+    handle = register_module_forward_hook(functools.partial(_mark_bn_hook, state)) if recompute_batch_norm else None
     try:
         with torch.autograd.graph.saved_tensors_hooks(state.pack, state.unpack):
             yield
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         _ACTIVE.reset(token)
         # the registries may outlive the block (autograd keeps the hooks with what they saved): drop what they
         # reference, or a batch norm's input would live until the whole backward ends
