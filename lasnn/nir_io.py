@@ -55,11 +55,13 @@ def _nir():
 def _tracer_cls():
     import torch.fx
 
+    from lasnn.nn.pool import AvgPool1d, AvgPool2d
     from lasnn.nn.spikify import FoldedNeuron
 
     class _Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, FoldedNeuron) or super().is_leaf_module(m, qualname)
+            # lasnn's pools are torch pools to the exporter (subclasses, the same arguments)
+            return isinstance(m, (FoldedNeuron, AvgPool1d, AvgPool2d)) or super().is_leaf_module(m, qualname)
 
     return _Tracer
 

@@ -240,3 +240,10 @@ def test_spikify_uses_them_with_identical_training_step(model):
     assert torch.equal(outs[0], outs[1])
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def test_fx_symbolic_trace_sees_torch_pooling():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), AvgPool2d(2), nn.Flatten(), nn.Linear(2 * 3 * 3, 2))
+    traced = torch.fx.symbolic_trace(net)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(traced(x), net(x))

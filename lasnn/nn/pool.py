@@ -10,6 +10,7 @@ attributes, ``repr``, state dict (none) and ``isinstance`` checks (NIR export).
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import nn
 
 from lasnn.ops.avg_pool import avg_pool
@@ -38,7 +39,7 @@ class AvgPool1d(nn.AvgPool1d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``[N, C, L]`` -> ``[N, C, L_out]`` (``[C, L]`` unbatched: torch's pool)."""
         k = _plain_windows(self, 1)
-        if k is None or input.dim() != 3:
+        if k is None or isinstance(input, torch.fx.Proxy) or input.dim() != 3:  # fx tracing: torch's
             return super().forward(input)
         return avg_pool(input, list(k))
 
@@ -51,7 +52,7 @@ class AvgPool2d(nn.AvgPool2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``[N, C, H, W]`` -> ``[N, C, H_out, W_out]`` (``[C, H, W]`` unbatched: torch's pool)."""
         k = _plain_windows(self, 2)
-        if k is None or input.dim() != 4:
+        if k is None or isinstance(input, torch.fx.Proxy) or input.dim() != 4:  # fx tracing: torch's
             return super().forward(input)
         return avg_pool(input, list(k))
 
