@@ -361,7 +361,7 @@ class SNN(nn.Module):
 
     @low_memory.setter
     def low_memory(self, value: bool | str) -> None:
-        if value not in _LOW_MEMORY or isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value not in _LOW_MEMORY or (isinstance(value, (int, float)) and not isinstance(value, bool)):
             raise ValueError(f"low_memory must be one of {_LOW_MEMORY}, got {value!r}")
         self._low_memory = value
 
