@@ -91,6 +91,14 @@ class _Recompute:
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def _registered(entry: tuple[Any, ...] | None, t: torch.Tensor, ptr: int) -> bool:
+    """Whether ``t`` (storage address ``ptr``) is the registered tensor of ``entry`` (weak ref, version, ...) or a
+    view of it: that tensor still lives on the same storage, device and dtype, unchanged since registration."""
+    r = entry[0]() if entry is not None else None
+    return (r is not None and r.untyped_storage().data_ptr() == ptr and r.device == t.device and r.dtype == t.dtype
+            and t._version == entry[1])
+
+
 class _SpikeBits:
     def __init__(self) -> None:
         # storage address -> the spike tensor, weakly: an address is trusted only while its spikes live
@@ -125,15 +133,10 @@ class _SpikeBits:
         ptr = t.untyped_storage().data_ptr()
         if ptr == 0:  # no real storage (meta, fake tensors): addresses say nothing
             return t
-        entry = self.spikes.get(ptr)
-        s = entry[0]() if entry is not None else None
-        if (s is not None and s.untyped_storage().data_ptr() == ptr and s.device == t.device and s.dtype == t.dtype
-                and t._version == entry[1]):
+        if _registered(self.spikes.get(ptr), t, ptr):
             return _Packed(t)
         bn_entry = self.bn_outputs.get(ptr)
-        y = bn_entry[0]() if bn_entry is not None else None
-        if (y is not None and y.untyped_storage().data_ptr() == ptr and y.device == t.device and y.dtype == t.dtype
-                and t._version == bn_entry[1]):
+        if _registered(bn_entry, t, ptr):
             return _Recompute(t, bn_entry[2])
         return t
 
@@ -193,5 +196,5 @@ def spike_bits(recompute_batch_norm: bool = False) -> Iterator[None]:
 
 
 def _mark_bn_hook(state: _SpikeBits, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-    if _ACTIVE.get() is state and type(module) in _BN_TYPES:
+    if _ACTIVE.get() is state:
         state.mark_bn(module, args, out)
