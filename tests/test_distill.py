@@ -436,3 +436,84 @@ def test_command_help_states_the_config_defaults():
             assert f"default {text}" in action.help, (command, action.dest, action.help)
             checked += 1
     assert checked >= 40
+
+
+def test_mixup_and_per_step_losses_are_the_formulas():
+    """``draw_mix``: ``lam * x + (1 - lam) * x[perm]`` with ``lam >= 0.5``, from the global generator (so a
+    checkpoint replays it); ``mixed_cross_entropy``: the weighted CE pair, per step the mean of the steps' CEs."""
+    import torch.nn.functional as F
+
+    from lasnn.distill.objectives import draw_mix, mixed_cross_entropy
+
+    x = torch.randn(6, 1, 4, 4)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    same, mix = draw_mix(x, 0.0)
+    assert same is x and mix is None
+    torch.manual_seed(5)
+    xm, mix = draw_mix(x, 0.4)
+    torch.manual_seed(5)
+    xm2, mix2 = draw_mix(x, 0.4)
+    assert torch.equal(xm, xm2) and torch.equal(mix.perm, mix2.perm) and mix.lam == mix2.lam
+    assert 0.5 <= mix.lam <= 1.0 and sorted(mix.perm.tolist()) == list(range(6))
+    torch.testing.assert_close(xm, mix.lam * x + (1 - mix.lam) * x[mix.perm])
+
+    logits = torch.randn(3, 6, 4)  # per step [T, B, K]
+    want = sum(F.cross_entropy(logits[t], y) for t in range(3)) / 3
+    torch.testing.assert_close(mixed_cross_entropy(logits, y, None), want)
+    torch.testing.assert_close(mixed_cross_entropy(logits[0], y, None), F.cross_entropy(logits[0], y))
+    want = sum(mix.lam * F.cross_entropy(logits[t], y) + (1 - mix.lam) * F.cross_entropy(logits[t], y[mix.perm])
+               for t in range(3)) / 3
+    torch.testing.assert_close(mixed_cross_entropy(logits, y, mix), want)
+    for bad, msg in [({"mixup": -0.1}, "mixup"), ({"per_step_loss": "yes"}, "per_step_loss")]:
+        with pytest.raises(ValueError, match=msg):
+            SNNConfig(**bad).validate()
+
+
+def test_mixup_shows_the_teacher_the_students_batch_and_per_step_kd(teacher, tmp_path, monkeypatch):
+    """With mixup the teacher and the student see the same mixed batch (not the loader's); with
+    ``per_step_loss`` the student's logits reach the losses per step ``[T, B, K]``."""
+    import lasnn
+    from lasnn.distill.taps import TappedModel
+
+    seen: list[tuple[torch.Tensor, bool]] = []
+    real_fwd = TappedModel.forward
+
+    def spy(self, x, **kw):
+        seen.append((x, kw.get("return_steps", False)))
+        return real_fwd(self, x, **kw)
+
+    kd_shapes: list[tuple[int, ...]] = []
+    real_kd = lasnn.kd_loss
+    monkeypatch.setattr(TappedModel, "forward", spy)
+    monkeypatch.setattr(lasnn, "kd_loss", lambda s, t, **kw: kd_shapes.append(tuple(s.shape)) or real_kd(s, t, **kw))
+    res = distill(out=tmp_path / "m", teacher=str(teacher), schedule="joint", epochs=1, T=2, quiet=True,
+                  mixup=0.4, per_step_loss=True, **STUDENT)
+    assert res["test_acc"] is not None
+    steps = _records(tmp_path / "m")[0]["train_samples"] // STUDENT["batch_size"]
+    train = seen[-2 * steps:]  # (teacher, student) per training step; earlier calls: stage matching
+    for (xt, rt), (xs, rs) in zip(train[::2], train[1::2], strict=True):
+        assert xt is xs and not rt and rs
+    # the student's per-step logits, flattened to [T*B, K], against the teacher's repeated per step
+    assert kd_shapes and all(s == (2 * STUDENT["batch_size"], 4) for s in kd_shapes)
+
+
+def test_mixup_per_step_run_kill_9_then_resume_matches_an_uninterrupted_run(teacher, tmp_path):
+    # the mixup draws come from the global generator, which every checkpoint holds
+    args = ["distill", "--dataset", "synthetic", "--teacher", str(teacher), "--width", "0.5", "--batch-size", "64",
+            "--epochs", "2", "--schedule", "joint", "--T", "2", "--mixup", "0.4", "--per-step-loss",
+            "--save-every", "2", "--seed", "2", "--quiet"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    r = _cli(*args, "--out", str(full))
+    assert r.returncode == 0, r.stderr
+    r = _cli_killed_after(7, *args, "--out", str(killed))
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    assert (load_checkpoint(killed / "last.pt")["step"]) == 2
+    r = _cli("distill", "--out", str(killed), "--resume", "--quiet")
+    assert r.returncode == 0, r.stderr
+    strip = lambda recs: [{k: v for k, v in rec.items() if k != "seconds"} for rec in recs]  # noqa: E731
+    assert strip(_records(killed)) == strip(_records(full))
+    cfg = json.loads((full / "config.json").read_text())
+    assert cfg["mixup"] == 0.4 and cfg["per_step_loss"] is True
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
+    for k in a["model_state"]:
+        assert torch.equal(a["model_state"][k], b["model_state"][k]), k

@@ -67,6 +67,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"also checkpoint every N steps inside an epoch (default {_d('save_every')}; 0: at epoch ends)")
     p.add_argument("--grad-clip", dest="grad_clip", type=float, default=_S,
                    help=f"clip the global gradient norm to this value (default {_d('grad_clip')}; 0: off)")
+    p.add_argument("--mixup", type=float, default=_S,
+                   help=f"mixup with weights from Beta(a, a) per batch (default {_d('mixup')}: off); a distillation "
+                        "run shows the teacher the same mixed batch")
     p.add_argument("--device", default=_S, help=f"auto, cpu, cuda or cuda:N (default {_d('device')})")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=_S, help="no bf16 autocast on GPU")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -114,6 +117,9 @@ def _snn_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--T", dest="T", type=int, default=_S, help=f"time steps of the student (default {_d('T')})")
     p.add_argument("--encoding", choices=["direct", "poisson"], default=_S,
                    help=f"input encoding (default {_d('encoding')})")
+    p.add_argument("--per-step-loss", dest="per_step_loss", action="store_true", default=_S,
+                   help="cross-entropy (and KD) averaged over the per-step logits instead of taken on their mean "
+                        "(temporal efficient training)")
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:

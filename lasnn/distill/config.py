@@ -40,6 +40,11 @@ class TeacherConfig:
     schedule (per-step cosine to 0 over the run, or over each stage).
     ``save_every``: also checkpoint every that many steps inside an epoch (0: at epoch ends only).
     ``grad_clip``: clip the global gradient norm to this value (0: off).
+    ``mixup``: mixup (Zhang et al., ICLR 2018) with mixing weights drawn from Beta(mixup, mixup) per batch
+    (0: off): the batch becomes ``lam * x + (1 - lam) * x[perm]`` (after augmentation) and cross-entropy
+    ``lam * CE(y) + (1 - lam) * CE(y[perm])``, with ``lam >= 0.5`` so ``y`` stays the dominant label (train
+    accuracy is counted against it). A distillation run shows the teacher the same mixed batch, so KD and
+    attention match the teacher's function between training samples as well.
     """
 
     dataset: str = "mnist1d"
@@ -56,6 +61,7 @@ class TeacherConfig:
     seed: int = 0
     save_every: int = 0
     grad_clip: float = 0.0
+    mixup: float = 0.0
     device: str = "auto"
     amp: bool = True
     kind: str = field(default="teacher", init=False)
@@ -74,6 +80,7 @@ class TeacherConfig:
         _check_pos("momentum", self.momentum, allow_zero=True)
         _check_pos("weight_decay", self.weight_decay, allow_zero=True)
         _check_pos("grad_clip", self.grad_clip, allow_zero=True)
+        _check_pos("mixup", self.mixup, allow_zero=True)
         if self.width is not None:
             _check_pos("width", self.width)
 
@@ -89,11 +96,15 @@ class SNNConfig(TeacherConfig):
     optimizer, schedule, data, augmentation, checkpoints and DDP as every other run. ``student=None``: the
     data set's default student (``lasnn.models.default_pair``); ``width``: its width multiplier;
     ``encoding``: ``direct`` (the input repeated at every step) or ``poisson``.
+    ``per_step_loss``: the classification loss (and, when distilling, KD) is the mean over the ``T``
+    per-step outputs of the loss of each step's logits (temporal efficient training, Deng et al., ICLR
+    2022) instead of the loss of their mean; predictions still use the mean.
     """
 
     student: str | None = None
     T: int = 4
     encoding: str = "direct"
+    per_step_loss: bool = False
     kind: str = field(default="snn", init=False)
 
     @property
@@ -107,6 +118,8 @@ class SNNConfig(TeacherConfig):
             raise ValueError(f"T must be an int >= 1, got {self.T!r}")
         if self.encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if not isinstance(self.per_step_loss, bool):
+            raise ValueError(f"per_step_loss must be a bool, got {self.per_step_loss!r}")
 
 
 @dataclass

@@ -30,8 +30,9 @@ from lasnn.distill.config import (
 from lasnn.distill.run import RunError, checkpoint_path, load_state
 from lasnn.distill.taps import TappedModel, match_pairs, parameters_reaching
 
-__all__ = ["OBJECTIVES", "DirectSNNObjective", "DistillObjective", "Objective", "Stage", "TeacherObjective",
-           "build_student_model", "build_teacher_model", "plan_stages", "resolve_names"]
+__all__ = ["OBJECTIVES", "DirectSNNObjective", "DistillObjective", "Mix", "Objective", "Stage", "TeacherObjective",
+           "build_student_model", "build_teacher_model", "draw_mix", "mixed_cross_entropy", "plan_stages",
+           "resolve_names"]
 
 # ------------------------------------------------------------------------------------------ models
 
@@ -140,6 +141,51 @@ def _load_teacher(cfg: DistillConfig, ds: Dataset) -> tuple[nn.Module, dict[str,
 BatchResult = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Mix:
+    """One mixup draw: the batch became ``lam * x + (1 - lam) * x[perm]`` (``perm`` ``[B]``, ``lam >= 0.5``)."""
+
+    lam: float
+    perm: torch.Tensor
+
+
+def draw_mix(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, Mix | None]:
+    """Mix batch ``x`` ``[B, ...]`` with a permutation of itself, weight from Beta(alpha, alpha); alpha 0: as is.
+
+    Draws from the global torch CPU generator, whose state every checkpoint holds, so a resumed run
+    replays the same draws.
+    """
+    if alpha <= 0:
+        return x, None
+    lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
+    lam = max(lam, 1.0 - lam)
+    perm = torch.randperm(x.shape[0]).to(x.device)
+    return lam * x + (1.0 - lam) * x[perm], Mix(lam, perm)
+
+
+def _flat_steps(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # per-step outputs [T, B, K] -> [T*B, K] and labels [T*B]: a loss averaged over the rows is the mean
+    # over t of the per-step batch-mean losses
+    if out.dim() == 3:
+        return out.flatten(0, 1), y.repeat(out.shape[0])
+    return out, y
+
+
+def mixed_cross_entropy(out: torch.Tensor, y: torch.Tensor, mix: Mix | None) -> torch.Tensor:
+    """Cross-entropy of logits ``out`` (``[B, K]``, or per-step ``[T, B, K]``: the mean of the per-step
+    losses) against labels ``y`` ``[B]``, mixed as the batch was when ``mix`` is given."""
+    flat, yy = _flat_steps(out, y)
+    if mix is None:
+        return F.cross_entropy(flat, yy)
+    _, yp = _flat_steps(out, y[mix.perm])
+    return mix.lam * F.cross_entropy(flat, yy) + (1.0 - mix.lam) * F.cross_entropy(flat, yp)
+
+
+def _correct(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    pred = out.mean(0) if out.dim() == 3 else out
+    return (pred.argmax(1) == y).sum()
+
+
 class Objective:
     """What a run trains and how a batch is scored. Subclasses set ``model`` (the network trained and
     saved), ``pairs`` (student/teacher stage pairs, empty without a teacher) and ``stages`` in
@@ -173,11 +219,15 @@ class Objective:
 
     def losses(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, stage: Stage) -> BatchResult:
         """Loss of one batch ``x`` ``[B, ...]``, ``y`` ``[B]`` (default: cross-entropy of ``net(x)``, the logits
-        ``[B, classes]``; for an SNN those are the T-averaged logits, so this is BPTT through the steps)."""
+        ``[B, classes]``; for an SNN those are the T-averaged logits, so this is BPTT through the steps; with
+        ``per_step_loss`` the mean of the per-step cross-entropies; with ``mixup`` on the mixed batch)."""
+        x, mix = draw_mix(x, self.cfg.mixup)
+        per_step = self.is_snn and self.cfg.per_step_loss
         with self.amp():
-            logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
-        return loss, {"ce": loss.detach()}, (logits.argmax(1) == y).sum()
+            out = net(x, return_steps=True) if per_step else net(x)
+        out = out.float()
+        loss = mixed_cross_entropy(out, y, mix)
+        return loss, {"ce": loss.detach()}, _correct(out, y)
 
     def result_info(self) -> dict[str, Any]:
         """Fields the run's final result adds for this objective."""
@@ -256,11 +306,12 @@ class DistillObjective(Objective):
         from lasnn import attention_loss, kd_loss
 
         cfg = self.cfg
+        x, mix = draw_mix(x, cfg.mixup)  # the teacher sees the same mixed batch
         with self.amp():
             with torch.no_grad():
                 t_logits, t_feats = self.teacher_tap(x)
-            logits, s_feats = net(x)
-        logits, t_logits = logits.float(), t_logits.float()
+            logits, s_feats = net(x, return_steps=True) if cfg.per_step_loss else net(x)
+        logits, t_logits = logits.float(), t_logits.float()  # logits: [B, K], or [T, B, K] per step
         parts: dict[str, torch.Tensor] = {}
 
         def att(k: int) -> torch.Tensor:
@@ -272,8 +323,11 @@ class DistillObjective(Objective):
             loss = cfg.beta * att(stage.pair)
             parts["attn"] = loss.detach()
         else:
-            ce = F.cross_entropy(logits, y)
-            kd = kd_loss(logits, t_logits, temperature=cfg.kd_temperature)
+            ce = mixed_cross_entropy(logits, y, mix)
+            if logits.dim() == 3:  # per-step KD: each step's logits against the teacher's
+                kd = kd_loss(logits.flatten(0, 1), t_logits.repeat(logits.shape[0], 1), temperature=cfg.kd_temperature)
+            else:
+                kd = kd_loss(logits, t_logits, temperature=cfg.kd_temperature)
             loss = ce + cfg.kd_weight * kd
             parts["ce"], parts["kd"] = ce.detach(), kd.detach()
             if cfg.schedule == "joint" or cfg.final_attention:
@@ -283,7 +337,7 @@ class DistillObjective(Objective):
                     parts["attn"] = a.detach()
                 else:
                     parts["attn"] = torch.zeros((), device=loss.device)
-        return loss, parts, (logits.argmax(1) == y).sum()
+        return loss, parts, _correct(logits, y)
 
     def result_info(self) -> dict[str, Any]:
         return {"T": self.cfg.T, "schedule": self.cfg.method, "stages": [s.name for s in self.stages],

@@ -37,10 +37,11 @@ class TappedModel(nn.Module):
         self.names = list(names)
         self._tap = FeatureTap(_unwrap(model), self.names)  # raises for unknown stage names
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x: ``[B, ...]`` -> ``(logits [B, classes], features)``."""
+    def forward(self, x: torch.Tensor, *, return_steps: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x: ``[B, ...]`` -> ``(logits [B, classes], features)``; ``return_steps`` (a spikify'd model only):
+        the per-step logits ``[T, B, classes]`` instead of their mean."""
         with self._tap:
-            logits = self.model(x)
+            logits = self.model(x, return_steps=True) if return_steps else self.model(x)
         feats = self._tap.pop()  # keeps no activations alive between steps
         return logits, [feats[n] for n in self.names]
 
