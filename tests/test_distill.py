@@ -449,6 +449,9 @@ def test_mixup_and_per_step_losses_are_the_formulas():
     y = torch.tensor([0, 1, 2, 3, 0, 1])
     same, mix = draw_mix(x, 0.0)
     assert same is x and mix is None
+    for bad in (-0.1, float("nan"), float("inf"), "0.2"):
+        with pytest.raises(ValueError, match="alpha must be"):
+            draw_mix(x, bad)
     torch.manual_seed(5)
     xm, mix = draw_mix(x, 0.4)
     torch.manual_seed(5)

@@ -155,7 +155,9 @@ def draw_mix(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, Mix | None]:
     Draws from the global torch CPU generator, whose state every checkpoint holds, so a resumed run
     replays the same draws.
     """
-    if alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha == float("inf"):
+        raise ValueError(f"alpha must be a finite number >= 0 (0: no mixing), got {alpha!r}")
+    if alpha == 0:
         return x, None
     lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
     lam = max(lam, 1.0 - lam)
