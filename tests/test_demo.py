@@ -40,7 +40,7 @@ def test_demo_report_fields_and_consistency(demo_dir):
     assert direct_cfg["kind"] == "snn" and direct_cfg["T"] == 4 and direct_cfg["seed"] == 0
     assert direct_cfg["lr"] == rep["recipe"]["direct"]["lr"]
     student_cfg = json.loads((demo_dir / "student" / "config.json").read_text())
-    for key in ("schedule", "kd_weight", "kd_temperature", "beta", "lr", "epochs", "batch_size"):
+    for key in ("schedule", "kd_weight", "kd_temperature", "beta", "lr", "epochs", "batch_size", "per_step_loss"):
         assert rep["recipe"]["student"][key] == student_cfg[key], key
     for name in ("classic", "robust"):
         c = rep["conversion"][name]
