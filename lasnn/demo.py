@@ -347,6 +347,19 @@ def run_demo(
     return report
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker once the demo process ``parent`` that started it is gone (killed,
+    even by SIGKILL, which runs no clean-up), so no orphaned job keeps training into the demo's folder."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lasnn-demo-parent-watch", daemon=True).start()
+
+
 def _job(job: str, kwargs: dict[str, Any], threads: int | None) -> tuple[Any, float, float]:
     """Run one demo phase (``distill``, ``train_snn`` or ``sweep``): ``(result, wall s, CPU s)``.
 
@@ -411,7 +424,8 @@ def _run_jobs(tasks: list[tuple[str, str, str, dict[str, Any]]], jobs: int, quie
     _say(quiet, f"the next {len(tasks)} phases depend only on the teacher: {jobs} at a time, each in its own "
                 f"process with {threads} thread{'s' if threads > 1 else ''}")
     child_cpu = 0.0
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
     try:
         futures = {pool.submit(_job, job, kw, threads): i for i, (_, _, job, kw) in enumerate(tasks)}
         for fut in as_completed(futures):

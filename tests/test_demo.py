@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 
 import pytest
 
@@ -185,3 +187,44 @@ def test_demo_jobs_in_worker_processes_give_the_same_report(tmp_path, capsys):
     assert two["cpu_seconds"] >= sum(two["cpu_timings"][k] for k in two["cpu_timings"] if k != "teacher")
     with pytest.raises(ValueError, match="jobs must be an int >= 1"):
         demo.run_demo(tmp_path / "bad", jobs=0, **kw)
+
+
+def test_demo_workers_end_when_the_demo_process_is_killed(tmp_path):
+    """A SIGKILLed demo (no clean-up runs) leaves no worker training on into its folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from lasnn.demo import _die_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                               initializer=_die_with_parent, initargs=(os.getpid(),))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 120)\n"
+        "    time.sleep(120)\n"
+    )
+    f = tmp_path / "parent.py"
+    f.write_text(script)
+    proc = subprocess.Popen([sys.executable, str(f)], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    os.kill(worker, 0)  # alive
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        # a zombie (exited, not yet reaped by its new parent) counts as gone
+        with contextlib.suppress(FileNotFoundError):
+            if open(f"/proc/{worker}/stat").read().split(")")[-1].split()[0] == "Z":
+                break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the worker outlived the killed demo process")
