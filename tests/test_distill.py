@@ -166,6 +166,20 @@ def _cli_killed_after(steps: int, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def _assert_same_run(full: Path, resumed: Path, checkpoints: tuple[str, ...] = ("last.pt",)) -> None:
+    """The resumed run wrote the same metrics (but for wall time) and the same weights as the full one."""
+
+    def strip(recs):
+        return [{k: v for k, v in rec.items() if k != "seconds"} for rec in recs]
+
+    assert strip(_records(resumed)) == strip(_records(full))
+    for name in checkpoints:
+        a, b = load_checkpoint(full / name), load_checkpoint(resumed / name)
+        assert a["model_state"].keys() == b["model_state"].keys(), name
+        for k in a["model_state"]:
+            assert torch.equal(a["model_state"][k], b["model_state"][k]), (name, k)
+
+
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(teacher, tmp_path):
     # Layer-wise schedule, Poisson encoding (its generator must be restored too), a checkpoint every 2
     # steps; 4 steps per epoch, killed after 7 steps: inside epoch 2 (stage pair2), 1 step after the
@@ -183,16 +197,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(teacher, tmp_
     assert len(_records(killed)) == 1
     r = _cli("distill", "--out", str(killed), "--resume", "--quiet")
     assert r.returncode == 0, r.stderr
-
-    def strip(recs):
-        return [{k: v for k, v in rec.items() if k != "seconds"} for rec in recs]
-
-    assert strip(_records(killed)) == strip(_records(full))
-    for name in ("last.pt", "best.pt"):
-        a, b = load_checkpoint(full / name), load_checkpoint(killed / name)
-        assert a["model_state"].keys() == b["model_state"].keys()
-        for k in a["model_state"]:
-            assert torch.equal(a["model_state"][k], b["model_state"][k]), (name, k)
+    _assert_same_run(full, killed, ("last.pt", "best.pt"))
 
 
 def test_train_snn_trains_the_student_directly(tmp_path):
@@ -226,11 +231,7 @@ def test_train_snn_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert all("exp_avg_sq" in st for st in ck["optimizer_state"]["state"].values())  # really AdamW
     r = _cli("train-snn", "--out", str(killed), "--resume", "--quiet")
     assert r.returncode == 0, r.stderr
-    strip = lambda recs: [{k: v for k, v in rec.items() if k != "seconds"} for rec in recs]  # noqa: E731
-    assert strip(_records(killed)) == strip(_records(full))
-    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
-    for k in a["model_state"]:
-        assert torch.equal(a["model_state"][k], b["model_state"][k]), k
+    _assert_same_run(full, killed)
     # a direct run is neither a teacher nor a distillation run
     r = _cli("distill", "--out", str(killed), "--resume", "--quiet")
     assert r.returncode == 2 and "holds a snn run, not a student run" in r.stderr
@@ -513,10 +514,6 @@ def test_mixup_per_step_run_kill_9_then_resume_matches_an_uninterrupted_run(teac
     assert (load_checkpoint(killed / "last.pt")["step"]) == 2
     r = _cli("distill", "--out", str(killed), "--resume", "--quiet")
     assert r.returncode == 0, r.stderr
-    strip = lambda recs: [{k: v for k, v in rec.items() if k != "seconds"} for rec in recs]  # noqa: E731
-    assert strip(_records(killed)) == strip(_records(full))
     cfg = json.loads((full / "config.json").read_text())
     assert cfg["mixup"] == 0.4 and cfg["per_step_loss"] is True
-    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
-    for k in a["model_state"]:
-        assert torch.equal(a["model_state"][k], b["model_state"][k]), k
+    _assert_same_run(full, killed)
