@@ -168,7 +168,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["T"])
     def _lif_bwd_kernel(
-        gs_ptr,  # [T, N] dL/dS
+        gs_ptr,  # [T, N] dL/dS, contiguous; with GS_BCAST one value per step, at gs_ptr + t * gs_st
         gvl_ptr,  # [N] dL/dV_T (unused unless HAS_GVL)
         x_ptr,  # [T, N] saved input
         v0_ptr,  # [N] (unused unless HAS_V0)
@@ -177,6 +177,7 @@ if triton is not None:
         h_ptr,  # [T, N] fp32 scratch for H (may be gx_ptr itself when x is fp32)
         T,
         N,
+        gs_st,  # step stride of grad_spikes (read only with GS_BCAST)
         inv_tau,
         v_th,
         v_r,
@@ -187,6 +188,7 @@ if triton is not None:
         DECAY_INPUT: tl.constexpr,
         DETACH_RESET: tl.constexpr,
         SURROGATE: tl.constexpr,  # a 4-way code-path switch, like the booleans
+        GS_BCAST: tl.constexpr,  # grad_spikes is an expanded view with neuron stride 0
         BLOCK: tl.constexpr,
     ):
         """Backward: grad_x [T, N], grad_v_init [N] from grad_spikes [T, N], grad_v_last [N], x, v_init."""
@@ -194,6 +196,8 @@ if triton is not None:
         mask = offs < N
         v = _load_or_zero(v0_ptr, offs, mask, HAS_V0, BLOCK)
         row = offs
+        gst64 = gs_st.to(tl.int64)
+        grow = gst64 * T  # grad_spikes' offset one step past the end (GS_BCAST)
         for _ in range(T):
             x = tl.load(x_ptr + row, mask=mask, other=0.0).to(tl.float32)
             h = _charge(v, x, inv_tau, v_r, DECAY_INPUT)
@@ -207,7 +211,11 @@ if triton is not None:
         for _ in range(T):
             row -= N
             h = tl.load(h_ptr + row, mask=mask, other=0.0)
-            gs = tl.load(gs_ptr + row, mask=mask, other=0.0).to(tl.float32)
+            if GS_BCAST:
+                grow -= gst64
+                gs = tl.load(gs_ptr + grow).to(tl.float32)  # one value for the step, broadcast over neurons
+            else:
+                gs = tl.load(gs_ptr + row, mask=mask, other=0.0).to(tl.float32)
             gx, gv = _backward_step(
                 h, gs, gv, inv_tau, v_th, v_r, alpha, SOFT_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE
             )
@@ -216,7 +224,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["T"])
     def _lif_bwd_regs_kernel(
-        gs_ptr,  # [T, N] dL/dS
+        gs_ptr,  # [T, N] dL/dS, contiguous; with GS_BCAST one value per step, at gs_ptr + t * gs_st
         gvl_ptr,  # [N] dL/dV_T (unused unless HAS_GVL)
         x_ptr,  # [T, N] saved input
         v0_ptr,  # [N] (unused unless HAS_V0)
@@ -224,6 +232,7 @@ if triton is not None:
         gv0_ptr,  # [N] out: dL/dv_init
         T,  # run-time, 1 <= T <= TC
         N,
+        gs_st,
         inv_tau,
         v_th,
         v_r,
@@ -234,6 +243,7 @@ if triton is not None:
         DECAY_INPUT: tl.constexpr,
         DETACH_RESET: tl.constexpr,
         SURROGATE: tl.constexpr,
+        GS_BCAST: tl.constexpr,
         TC: tl.constexpr,  # time tile: a power of two >= T (a block size; T itself stays run-time)
         BLOCK: tl.constexpr,
     ):
@@ -243,6 +253,7 @@ if triton is not None:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         n64 = N.to(tl.int64)  # so that t * N cannot overflow 32 bits
+        gst64 = gs_st.to(tl.int64)
         v = _load_or_zero(v0_ptr, offs, mask, HAS_V0, BLOCK)
         hs = ()
         for t in tl.static_range(TC):
@@ -254,7 +265,10 @@ if triton is not None:
         for r in tl.static_range(TC - 1, -1, -1):
             live = r < T
             row = offs + r * n64
-            gs = tl.load(gs_ptr + row, mask=mask & live, other=0.0).to(tl.float32)
+            if GS_BCAST:  # a dead step (r >= T) reads step 0, a valid address; its result is not used
+                gs = tl.load(gs_ptr + tl.where(live, r * gst64, 0)).to(tl.float32)
+            else:
+                gs = tl.load(gs_ptr + row, mask=mask & live, other=0.0).to(tl.float32)
             gx, gv_prev = _backward_step(
                 hs[r], gs, gv, inv_tau, v_th, v_r, alpha, SOFT_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE
             )
@@ -399,7 +413,9 @@ def lif_bwd_triton(
     """Fused LIF backward from the saved input (implementation of ``lasnn::lif_bwd_triton``).
 
     Args:
-        grad_spikes: ``[T, N]`` dL/dspikes (cast to x's dtype). grad_v_last: ``[N]`` dL/dv_last or None (zeros).
+        grad_spikes: ``[T, N]`` dL/dspikes (cast to x's dtype); an expanded view with neuron stride 0 (what
+            ``spikes.sum()`` or ``spikes.mean()`` send back) is read in place, anything else made contiguous.
+        grad_v_last: ``[N]`` dL/dv_last or None (zeros).
         x, v_init, tau, v_threshold, v_reset, soft_reset, decay_input: as given to :func:`lif_fwd_triton`.
         detach_reset: drop the surrogate term of the reset. surrogate: 0 sigmoid, 1 atan, 2 triangle, 3 rect.
         alpha: surrogate sharpness (> 0).
@@ -428,7 +444,13 @@ def lif_bwd_triton(
             raise ValueError(f"{op}: grad_v_last must be on x's device {x.device}, got {grad_v_last.device}")
         grad_v_last = grad_v_last.to(x.dtype).contiguous()
     x = x.contiguous()
-    gs = grad_spikes.to(x.dtype).contiguous()
+    # A stride-0 view stays one value per step: a [T, N] copy of it costs a fifth of the backward.
+    gs = grad_spikes.to(x.dtype)
+    gs_bcast = N > 1 and gs.stride(1) == 0
+    if gs_bcast:
+        gs_st = gs.stride(0) if T > 1 else 0
+    else:
+        gs, gs_st = gs.contiguous(), N
     if v_init is not None:
         v_init = v_init.contiguous()
     grad_x = torch.empty_like(x)
@@ -445,6 +467,7 @@ def lif_bwd_triton(
         DECAY_INPUT=decay,
         DETACH_RESET=bool(detach_reset),
         SURROGATE=int(surrogate),
+        GS_BCAST=gs_bcast,
     )
     if T <= _MAX_TC:
         # H in registers: TC x (BLOCK / threads) fp32 per thread, kept at 32 by shrinking BLOCK as TC grows.
@@ -460,6 +483,7 @@ def lif_bwd_triton(
                 grad_v,
                 T,
                 N,
+                gs_st,
                 inv_tau,
                 float(v_threshold),
                 v_r,
@@ -483,6 +507,7 @@ def lif_bwd_triton(
             hbuf,
             T,
             N,
+            gs_st,
             inv_tau,
             float(v_threshold),
             v_r,

@@ -311,22 +311,34 @@ def test_opcheck(backend):
         torch.library.opcheck(bwd, (ge, None, x, v0, 2.0, 1.0, 0.0, False, True, False, 0, 4.0))
 
 
+# Backends whose LIF backward reads a stride-0 incoming gradient in place (the others copy it first).
+IN_PLACE_EXPANDED_GRADS = {"cpu", "cuda", "triton"}
+
+
+@pytest.mark.parametrize("T", [4, 40], ids=["T4", "T40"])  # Triton: H in registers (T <= 32) / the scratch kernel
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-def test_expanded_grads_are_exact_and_not_materialised(backend):
+def test_expanded_grads_are_exact_and_not_materialised(backend, T):
     # spikes.sum() / spikes.mean(dims) send back stride-0 gradients: same result as the materialised one
     device = _setup(backend)
-    T, N = 4, 1 << 14
+    N = 1 << 14 if T == 4 else 999
     x = make_currents(T, (N,), device=device).requires_grad_(True)
     v0 = torch.rand(N, device=device)
-    for ge in (torch.full((), 0.37, device=device).expand(T, N),
-               torch.tensor([0.1, -0.2, 0.3, 0.5], device=device)[:, None].expand(T, N)):
-        got = torch.autograd.grad(lasnn.lif(x, v0, backend=backend), x, ge)[0]
-        want = torch.autograd.grad(lasnn.lif(x, v0, backend=backend), x, ge.contiguous())[0]
+    per_step = torch.linspace(-0.5, 0.5, T, device=device)
+    for ge in (
+        torch.full((), 0.37, device=device).expand(T, N),  # one value for all
+        per_step[:, None].expand(T, N),  # one value per step
+        per_step[None, :].t().expand(T, N),  # the same, another stride pattern
+        torch.randn(N, T, device=device).t(),  # permuted, not expanded
+        torch.randn(T, 1, device=device).expand(T, N)[:, 5:],  # an expanded slice
+    ):
+        xs = x[:, : ge.shape[1]]
+        got = torch.autograd.grad(lasnn.lif(xs, v0[: ge.shape[1]], backend=backend), x, ge)[0]
+        want = torch.autograd.grad(lasnn.lif(xs, v0[: ge.shape[1]], backend=backend), x, ge.contiguous())[0]
         assert torch.equal(got, want)
-    if backend == "cpu":  # the C++ kernel reads it in place: the backward allocates grad_x and grad_v only
+    if backend in IN_PLACE_EXPANDED_GRADS:  # the backward allocates grad_x and grad_v only
         s = lasnn.lif(x, backend=backend)
-        ge = torch.full((), 1.0).expand(T, N)
-        peak = peak_allocated_bytes(lambda: torch.autograd.grad(s, x, ge), "cpu")
+        ge = torch.full((), 1.0, device=device).expand(T, N)
+        peak = peak_allocated_bytes(lambda: torch.autograd.grad(s, x, ge), device)
         assert peak <= (T * N + N) * 4 + 4096, peak
 
 

@@ -505,18 +505,24 @@ def test_triton_kernels_compile_for_hopper(dtype):
     if dtype == "fp32":
         assert "ld.global.v4" in k.asm["ptx"]
     bwd_sig = dict.fromkeys(["gs_ptr", "gvl_ptr", "x_ptr", "v0_ptr", "gx_ptr", "gv0_ptr"], p) | {"h_ptr": "*fp32"}
-    bwd_sig |= {"T": "i32", "N": "i32", "inv_tau": "fp32", "v_th": "fp32", "v_r": "fp32", "alpha": "fp32"}
+    bwd_sig |= {"T": "i32", "N": "i32", "gs_st": "i32"}
+    bwd_sig |= {"inv_tau": "fp32", "v_th": "fp32", "v_r": "fp32", "alpha": "fp32"}
     bwd_const = {"HAS_V0": True, "HAS_GVL": False, "SOFT_RESET": False, "DECAY_INPUT": True}
-    bwd_const |= {"DETACH_RESET": False, "SURROGATE": 0, "BLOCK": 1024}
+    bwd_const |= {"DETACH_RESET": False, "SURROGATE": 0, "GS_BCAST": False, "BLOCK": 1024}
     bwd_sig |= dict.fromkeys(bwd_const, "constexpr")
     k = triton.compile(ASTSource(K._lif_bwd_kernel, bwd_sig, bwd_const), target=target)
     assert "bar.sync" in k.asm["ptx"]  # the barrier between the H stores and the reverse loop survived
+    # an expanded grad_spikes (one value per step) compiles too, in both kernels
+    k = triton.compile(ASTSource(K._lif_bwd_kernel, bwd_sig, bwd_const | {"GS_BCAST": True}), target=target)
+    assert "bar.sync" in k.asm["ptx"]
     del bwd_sig["h_ptr"]
     bwd_sig["TC"] = "constexpr"
-    k = triton.compile(ASTSource(K._lif_bwd_regs_kernel, bwd_sig, bwd_const | {"TC": 8, "BLOCK": 512}), target=target)
-    # H stays in registers: no local-memory (stack/spill) traffic, and each step loads x and grad_spikes once.
-    ptx = k.asm["ptx"]
-    assert "ld.local" not in ptx and "st.local" not in ptx
+    for bcast in (False, True):
+        const = bwd_const | {"TC": 8, "BLOCK": 512, "GS_BCAST": bcast}
+        k = triton.compile(ASTSource(K._lif_bwd_regs_kernel, bwd_sig, const), target=target)
+        # H stays in registers: no local-memory (stack/spill) traffic, each step loads x and grad_spikes once.
+        ptx = k.asm["ptx"]
+        assert "ld.local" not in ptx and "st.local" not in ptx, bcast
 
 
 # --------------------------------------------------------------------------------------------------
@@ -598,7 +604,8 @@ int fwd(bool force_scalar, const void* x, const void* v0, void* s, void* vl, int
 
 template <typename S, int VEC>
 void bwd_grid(int threads, bool smem, const S* gs, const S* gvl, const S* x, const S* v0, S* gx, S* gv0,
-              typename Storage<S>::acc_t* hbuf, int64_t T, int64_t N, const LIFParams<typename Storage<S>::acc_t>& P) {
+              typename Storage<S>::acc_t* hbuf, int64_t T, int64_t N, bool gs_bcast, int64_t gs_step,
+              const LIFParams<typename Storage<S>::acc_t>& P) {
   using acc_t = typename Storage<S>::acc_t;
   const int64_t blocks = lasnn::ceil_div(lasnn::ceil_div(N, VEC), threads);
   std::vector<acc_t> block_smem(smem ? static_cast<size_t>(threads) * VEC * T : 0);
@@ -611,9 +618,9 @@ void bwd_grid(int threads, bool smem, const S* gs, const S* gvl, const S* x, con
     for (int t = 0; t < threads; ++t) {
       threadIdx.x = t;
       if (smem) {
-        lasnn::lif_bwd_kernel<S, VEC, true>(gs, gvl, x, v0, gx, gv0, nullptr, T, N, P);
+        lasnn::lif_bwd_kernel<S, VEC, true>(gs, gvl, x, v0, gx, gv0, nullptr, T, N, gs_bcast, gs_step, P);
       } else {
-        lasnn::lif_bwd_kernel<S, VEC, false>(gs, gvl, x, v0, gx, gv0, hbuf, T, N, P);
+        lasnn::lif_bwd_kernel<S, VEC, false>(gs, gvl, x, v0, gx, gv0, hbuf, T, N, gs_bcast, gs_step, P);
       }
     }
   }
@@ -621,15 +628,15 @@ void bwd_grid(int threads, bool smem, const S* gs, const S* gvl, const S* x, con
 
 // Returns vec * 10000 + threads * 10 + smem: the path the real launcher would take (or the forced one).
 template <typename S>
-int bwd(bool force_scalar, bool force_global, const void* gs_, const void* gvl_, const void* x_, const void* v0_,
-        void* gx_, void* gv0_, int64_t T, int64_t N, double tau, double vth, double vr, bool soft, bool decay,
-        bool detach, int64_t surrogate, double alpha) {
+int bwd(bool force_scalar, bool force_global, const void* gs_, bool gs_bcast, int64_t gs_step, const void* gvl_,
+        const void* x_, const void* v0_, void* gx_, void* gv0_, int64_t T, int64_t N, double tau, double vth,
+        double vr, bool soft, bool decay, bool detach, int64_t surrogate, double alpha) {
   using acc_t = typename Storage<S>::acc_t;
   constexpr int kVec = kVecOf<S>;
   const auto P = lasnn::make_params<acc_t>(tau, vth, vr, soft, decay, detach, surrogate, alpha);
   auto gs = (const S*)gs_, gvl = (const S*)gvl_, x = (const S*)x_, v0 = (const S*)v0_;
   auto gx = (S*)gx_, gv0 = (S*)gv0_;
-  const bool can_vec = !force_scalar && N % kVec == 0 && lasnn::aligned16(gs) && lasnn::aligned16(gvl) &&
+  const bool can_vec = !force_scalar && N % kVec == 0 && (gs_bcast || lasnn::aligned16(gs)) && lasnn::aligned16(gvl) &&
                        lasnn::aligned16(x) && lasnn::aligned16(v0) && lasnn::aligned16(gx) && lasnn::aligned16(gv0);
   lasnn::BwdPlan plan = lasnn::plan_bwd(T, can_vec ? kVec : 1, sizeof(acc_t));
   if (force_global) plan = {can_vec ? kVec : 1, lasnn::kThreads, false};
@@ -644,9 +651,9 @@ int bwd(bool force_scalar, bool force_global, const void* gs_, const void* gvl_,
     }
   }
   if (plan.vec == kVec && kVec > 1) {
-    bwd_grid<S, kVec>(plan.threads, plan.smem, gs, gvl, x, v0, gx, gv0, hbuf, T, N, P);
+    bwd_grid<S, kVec>(plan.threads, plan.smem, gs, gvl, x, v0, gx, gv0, hbuf, T, N, gs_bcast, gs_step, P);
   } else {
-    bwd_grid<S, 1>(plan.threads, plan.smem, gs, gvl, x, v0, gx, gv0, hbuf, T, N, P);
+    bwd_grid<S, 1>(plan.threads, plan.smem, gs, gvl, x, v0, gx, gv0, hbuf, T, N, gs_bcast, gs_step, P);
   }
   return plan.vec * 10000 + plan.threads * 10 + (plan.smem ? 1 : 0);
 }
@@ -662,12 +669,13 @@ extern "C" int lasnn_emu_fwd(int dtype, int force_scalar, const void* x, const v
   }
 }
 
-extern "C" int lasnn_emu_bwd(int dtype, int force_scalar, int force_global, const void* gs, const void* gvl,
-                             const void* x, const void* v0, void* gx, void* gv0, int64_t T, int64_t N, double tau,
-                             double vth, double vr, int soft, int decay, int detach, int64_t surrogate, double alpha) {
-#define LASNN_EMU_BWD(S)                                                                                     \
-  bwd<S>(force_scalar, force_global, gs, gvl, x, v0, gx, gv0, T, N, tau, vth, vr, soft, decay, detach, surrogate, \
-         alpha)
+extern "C" int lasnn_emu_bwd(int dtype, int force_scalar, int force_global, const void* gs, int gs_bcast,
+                             int64_t gs_step, const void* gvl, const void* x, const void* v0, void* gx, void* gv0,
+                             int64_t T, int64_t N, double tau, double vth, double vr, int soft, int decay, int detach,
+                             int64_t surrogate, double alpha) {
+#define LASNN_EMU_BWD(S)                                                                                      \
+  bwd<S>(force_scalar, force_global, gs, gs_bcast, gs_step, gvl, x, v0, gx, gv0, T, N, tau, vth, vr, soft, decay, \
+         detach, surrogate, alpha)
   switch (dtype) {
     case 0: return LASNN_EMU_BWD(float);
     case 1: return LASNN_EMU_BWD(double);
@@ -702,7 +710,7 @@ def emu(tmp_path_factory):
     lib = ctypes.CDLL(str(d / "emu.so"))
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double
     lib.lasnn_emu_fwd.argtypes = [i, i, p, p, p, p, i64, i64, f, f, f, i, i]
-    lib.lasnn_emu_bwd.argtypes = [i, i, i, p, p, p, p, p, p, i64, i64, f, f, f, i, i, i, i64, f]
+    lib.lasnn_emu_bwd.argtypes = [i, i, i, p, i, i64, p, p, p, p, p, i64, i64, f, f, f, i, i, i, i64, f]
     return lib
 
 
@@ -723,7 +731,13 @@ def _emu_ops(lib, force_scalar: bool, force_global: bool, paths: list):
     def bwd(gs, gvl, x, v0, tau, vth, vr, soft, decay, detach, surrogate, alpha):
         T, N = x.shape
         gx, gv = torch.empty_like(x), torch.empty(N, dtype=x.dtype)
-        args = (_ptr(gs), _ptr(gvl), _ptr(x), _ptr(v0), _ptr(gx), _ptr(gv), T, N, tau, vth, vr, soft, decay)
+        # what lif_launch.h prepare_lif_bwd(row_broadcast=true) hands the CUDA launcher
+        bcast = gs.dtype == x.dtype and N > 1 and gs.stride(1) == 0
+        step = (gs.stride(0) if T > 1 else 0) if bcast else 0
+        gs = gs if bcast else gs.to(x.dtype).contiguous()
+        paths.append(("gs_bcast", bcast))
+        args = (_ptr(gs), bcast, step, _ptr(gvl), _ptr(x), _ptr(v0), _ptr(gx), _ptr(gv), T, N, tau, vth, vr, soft,
+                decay)
         code = lib.lasnn_emu_bwd(_EMU_DT[x.dtype], force_scalar, force_global, *args, detach, surrogate, alpha)
         paths.append(("bwd", (code // 10000, code % 10000 // 10, bool(code % 10))))
         return gx, gv
@@ -762,6 +776,30 @@ def test_cuda_kernels_host_emulation_flags(emu, surrogate, detach, decay, mode):
         _check_backward(bwd, x, v0, _kw(2.0, soft, decay), surrogate, 2.0, detach, with_gvl=decay)
     x, _ = _inputs(7, 64, torch.float32, "cpu", seed=4)
     _check_backward(bwd, x, None, _kw(math.inf, True, decay), surrogate, 2.0, detach)
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", [(4, 64), (30, 64), (200, 16), (3, 1031)], ids=lambda s: f"T{s[0]}N{s[1]}")
+@pytest.mark.parametrize("mode", ["plan", "scalar", "global"])
+def test_cuda_kernels_host_emulation_expanded_grads(emu, dtype, shape, mode):
+    # An expanded (neuron stride 0) grad_spikes is read in place, one value per step, and gives exactly the
+    # gradients of its materialised copy; the vector path stays on even when that one value is misaligned.
+    paths: list = []
+    _, bwd = _emu_ops(emu, mode == "scalar", mode == "global", paths)
+    T, N = shape
+    x, v0 = _inputs(T, N, dtype, "cpu", seed=T + N)
+    per_step = torch.linspace(-0.6, 0.9, T).to(dtype)
+    buf = torch.zeros(T + 1, dtype=dtype)
+    buf[1:] = per_step
+    one = torch.full((), 0.37, dtype=dtype)
+    for ge in (per_step[:, None].expand(T, N), one.expand(T, N), buf[1:, None].expand(T, N)):
+        args = (None, x, v0, 2.0, 1.0, -0.1, False, True, False, 0, 4.0)
+        got = bwd(ge, *args)
+        assert paths[-2] == ("gs_bcast", True)
+        want = bwd(ge.contiguous(), *args)
+        assert paths[-2] == ("gs_bcast", False)
+        assert paths[-1] == paths[-3]  # the same launch plan
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize(

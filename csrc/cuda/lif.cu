@@ -159,6 +159,8 @@ __global__ void __launch_bounds__(128) lif_fwd_kernel(const scalar_t* __restrict
 }
 
 // Backward: recompute H_t (t = 0..T-1) into the scratch, then reverse with lif_backward_step.
+// gs_bcast: grad_spikes is an expanded view with neuron stride 0 (what spikes.sum() or spikes.mean() send
+// back), read in place as one value per step at gs[t * gs_step]; otherwise it is [T, N] contiguous.
 // SMEM: scratch in dynamic shared memory, slot (t, j) of thread i at [(t * VEC + j) * blockDim + i]
 //       (consecutive threads hit consecutive banks);
 // else: scratch is the global [T, N] buffer hbuf (grad_x itself for fp32/fp64, see the file comment).
@@ -167,6 +169,7 @@ __global__ void __launch_bounds__(128) lif_bwd_kernel(const scalar_t* __restrict
                                                       const scalar_t* __restrict__ x, const scalar_t* __restrict__ v0,
                                                       scalar_t* gx, scalar_t* __restrict__ gv0,
                                                       typename Storage<scalar_t>::acc_t* hbuf, int64_t T, int64_t N,
+                                                      bool gs_bcast, int64_t gs_step,
                                                       LIFParams<typename Storage<scalar_t>::acc_t> P) {
   using acc_t = typename Storage<scalar_t>::acc_t;
   // gx and hbuf may alias (fp32/fp64 global path), hence no __restrict__ on them.
@@ -211,7 +214,13 @@ __global__ void __launch_bounds__(128) lif_bwd_kernel(const scalar_t* __restrict
 #pragma unroll 4
   for (int64_t t = T - 1; t >= 0; --t) {
     acc_t g[VEC], h[VEC];
-    load_acc<scalar_t, VEC>(gsp + t * N, g);
+    if (gs_bcast) {  // the same branch for every thread of the launch
+      const acc_t gt = Storage<scalar_t>::load(gs[t * gs_step]);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) g[j] = gt;
+    } else {
+      load_acc<scalar_t, VEC>(gsp + t * N, g);
+    }
     // Read all of H_t before writing grad_x_t: on the aliased global path they share the address.
     if constexpr (SMEM) {
 #pragma unroll
@@ -321,23 +330,25 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& v_init, at::Tensor& spike
 template <typename scalar_t, int VEC>
 void launch_bwd_vec(int threads, bool smem, const scalar_t* gs, const scalar_t* gvl, const scalar_t* x,
                     const scalar_t* v0, scalar_t* gx, scalar_t* gv0, typename Storage<scalar_t>::acc_t* hbuf,
-                    int64_t T, int64_t N, const LIFParams<typename Storage<scalar_t>::acc_t>& P,
-                    cudaStream_t stream) {
+                    int64_t T, int64_t N, bool gs_bcast, int64_t gs_step,
+                    const LIFParams<typename Storage<scalar_t>::acc_t>& P, cudaStream_t stream) {
   using acc_t = typename Storage<scalar_t>::acc_t;
   const unsigned int blocks = grid_blocks(ceil_div(N, VEC), threads);
   if (smem) {
     const size_t bytes = static_cast<size_t>(threads) * VEC * T * sizeof(acc_t);
-    lif_bwd_kernel<scalar_t, VEC, true><<<blocks, threads, bytes, stream>>>(gs, gvl, x, v0, gx, gv0, nullptr, T, N, P);
+    lif_bwd_kernel<scalar_t, VEC, true>
+        <<<blocks, threads, bytes, stream>>>(gs, gvl, x, v0, gx, gv0, nullptr, T, N, gs_bcast, gs_step, P);
   } else {
-    lif_bwd_kernel<scalar_t, VEC, false><<<blocks, threads, 0, stream>>>(gs, gvl, x, v0, gx, gv0, hbuf, T, N, P);
+    lif_bwd_kernel<scalar_t, VEC, false>
+        <<<blocks, threads, 0, stream>>>(gs, gvl, x, v0, gx, gv0, hbuf, T, N, gs_bcast, gs_step, P);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
-void launch_bwd(const at::Tensor& gs_t, const at::Tensor& gvl_t, const at::Tensor& x, const at::Tensor& v_init,
-                at::Tensor& grad_x, at::Tensor& grad_v_init, const LIFParams<typename Storage<scalar_t>::acc_t>& P,
-                cudaStream_t stream) {
+void launch_bwd(const at::Tensor& gs_t, bool gs_bcast, int64_t gs_step, const at::Tensor& gvl_t, const at::Tensor& x,
+                const at::Tensor& v_init, at::Tensor& grad_x, at::Tensor& grad_v_init,
+                const LIFParams<typename Storage<scalar_t>::acc_t>& P, cudaStream_t stream) {
   using acc_t = typename Storage<scalar_t>::acc_t;
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t T = x.size(0), N = x.size(1);
@@ -347,8 +358,9 @@ void launch_bwd(const at::Tensor& gs_t, const at::Tensor& gvl_t, const at::Tenso
   const auto* v0 = v_init.defined() ? reinterpret_cast<const scalar_t*>(v_init.const_data_ptr()) : nullptr;
   auto* gx = reinterpret_cast<scalar_t*>(grad_x.mutable_data_ptr());
   auto* gv0 = reinterpret_cast<scalar_t*>(grad_v_init.mutable_data_ptr());
-  const bool can_vec = N % kVec == 0 && aligned16(gs) && aligned16(gvl) && aligned16(xp) && aligned16(v0) &&
-                       aligned16(gx) && aligned16(gv0);
+  // a broadcast grad_spikes is read one element at a time: its alignment does not matter
+  const bool can_vec = N % kVec == 0 && (gs_bcast || aligned16(gs)) && aligned16(gvl) && aligned16(xp) &&
+                       aligned16(v0) && aligned16(gx) && aligned16(gv0);
 
   const BwdPlan plan = plan_bwd(T, can_vec ? kVec : 1, sizeof(acc_t));
   // Global path: H goes into grad_x when it has the accumulation type, else into an fp32 scratch (see
@@ -365,9 +377,11 @@ void launch_bwd(const at::Tensor& gs_t, const at::Tensor& gvl_t, const at::Tenso
     }
   }
   if (plan.vec == kVec && kVec > 1) {
-    launch_bwd_vec<scalar_t, kVec>(plan.threads, plan.smem, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, P, stream);
+    launch_bwd_vec<scalar_t, kVec>(plan.threads, plan.smem, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, gs_bcast, gs_step, P,
+                                   stream);
   } else {
-    launch_bwd_vec<scalar_t, 1>(plan.threads, plan.smem, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, P, stream);
+    launch_bwd_vec<scalar_t, 1>(plan.threads, plan.smem, gs, gvl, xp, v0, gx, gv0, hbuf, T, N, gs_bcast, gs_step, P,
+                                stream);
   }
   // scratch is freed here while the kernel may still run: the caching allocator reuses the block
   // only for work queued later on this same stream, which is ordered after the kernel.
@@ -398,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cuda(const at::Tensor& grad_spikes_,
   check_lif_inputs_cuda(x_, v_init_, tau, v_threshold, v_reset, alpha, "lasnn::lif_bwd");
   check_lif_bwd_grads(grad_spikes_, grad_v_last_, x_, surrogate);
   const c10::cuda::CUDAGuard guard(x_.device());
-  LifBwdTensors t = prepare_lif_bwd(grad_spikes_, grad_v_last_, x_, v_init_);
+  LifBwdTensors t = prepare_lif_bwd(grad_spikes_, grad_v_last_, x_, v_init_, /*row_broadcast=*/true);
   if (t.done) return {t.grad_x, t.grad_v_init};
   const at::Tensor &x = t.x, &gs = t.gs, &v_init = t.v_init, &gvl = t.gvl;
   at::Tensor &grad_x = t.grad_x, &grad_v_init = t.grad_v_init;
@@ -408,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor> lif_bwd_cuda(const at::Tensor& grad_spikes_,
     using acc_t = typename Storage<scalar_t>::acc_t;
     const auto P =
         make_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input, detach_reset, surrogate, alpha);
-    launch_bwd<scalar_t>(gs, gvl, x, v_init, grad_x, grad_v_init, P, stream);
+    launch_bwd<scalar_t>(gs, t.gs_row_broadcast, t.gs_step_stride, gvl, x, v_init, grad_x, grad_v_init, P, stream);
   });
   return {grad_x, grad_v_init};
 }
