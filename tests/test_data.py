@@ -155,6 +155,20 @@ def test_train_loader_is_seeded_per_epoch_and_replayable(digits):
     assert not torch.equal(_collect(other_seed)[0][1], a[0][1])
 
 
+def test_loader_index_names_the_rows_of_each_batch(digits):
+    loader = digits.loader("train", 100, augment=False, seed=5, rank=1, world_size=2)
+    loader.set_epoch(3)
+    plain = _collect(loader, start=2)
+    with_index = list(loader.iter_from(2, with_index=True))
+    assert len(with_index) == len(plain) > 0
+    for (x, y), (xi, yi, idx) in zip(plain, with_index, strict=True):
+        assert idx.dtype == torch.int64 and idx.shape == y.shape
+        assert torch.equal(xi, x) and torch.equal(yi, y)
+        assert torch.equal(y, digits.y_train[idx]) and torch.equal(x, digits.normalize(digits.x_train[idx]))
+    with pytest.raises(ValueError, match="start_step"):
+        next(loader.iter_from(-1))
+
+
 def test_test_loader_covers_every_sample_once_in_order(digits):
     loader = digits.loader("test", 64)
     ys = torch.cat([y for _, y in loader])

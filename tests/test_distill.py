@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from lasnn.cli import main
+from lasnn.data import load_dataset
 from lasnn.distill import (
     CheckpointError,
     DistillConfig,
@@ -32,6 +33,7 @@ from lasnn.distill import (
     train_teacher,
 )
 from lasnn.distill.config import config_from_dict
+from lasnn.distill.objectives import DistillObjective
 from lasnn.distill.taps import match_pairs, parameters_reaching
 
 SMALL = {"dataset": "synthetic", "width": 0.5, "batch_size": 64, "lr": 0.1}
@@ -157,6 +159,7 @@ def patched(self, *a, **k):
     init(self, *a, **k)
 Engine.__init__ = patched
 from lasnn.cli import main
+from lasnn.data import load_dataset
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -517,3 +520,41 @@ def test_mixup_per_step_run_kill_9_then_resume_matches_an_uninterrupted_run(teac
     cfg = json.loads((full / "config.json").read_text())
     assert cfg["mixup"] == 0.4 and cfg["per_step_loss"] is True
     _assert_same_run(full, killed)
+
+
+_DISTILL_INIT = DistillObjective.__init__
+
+
+def _count_teacher_samples(monkeypatch, cache: bool = True) -> list[int]:
+    """Batch sizes of every teacher forward while training the runs that follow (``cache=False``: with the
+    teacher-logit cache switched off)."""
+    seen: list[int] = []
+
+    def counted(self, *a, **k):
+        _DISTILL_INIT(self, *a, **k)
+        self.teacher.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+        self.cache_teacher_logits = self.cache_teacher_logits and cache
+
+    monkeypatch.setattr(DistillObjective, "__init__", counted)
+    return seen
+
+
+def test_teacher_logits_are_computed_once_when_every_sample_is_always_the_same_input(teacher, tmp_path, monkeypatch):
+    kw = {**STUDENT, "schedule": "joint", "beta": 0.0, "epochs": 3, "T": 2, "quiet": True, "teacher": str(teacher)}
+    n_train = load_dataset("synthetic").x_train.shape[0]
+    seen = _count_teacher_samples(monkeypatch)
+    cached = distill(out=tmp_path / "cached", augment=False, per_step_loss=True, **kw)
+    assert sum(seen) == n_train  # one pass over the training set, whatever the epochs and steps
+    # the same run with the teacher run on every batch: the same metrics and weights, bit for bit
+    seen = _count_teacher_samples(monkeypatch, cache=False)
+    live = distill(out=tmp_path / "live", augment=False, per_step_loss=True, **kw)
+    assert sum(seen) > 2 * n_train  # every batch of the three epochs
+    assert live["test_acc"] == cached["test_acc"]
+    _assert_same_run(tmp_path / "live", tmp_path / "cached")
+    # random augmentation, mixup or attention terms: the teacher runs on every batch
+    for name, extra in [("augment", {"augment": True}), ("mixup", {"augment": False, "mixup": 0.4}),
+                        ("attention", {"augment": False, "beta": 10.0})]:
+        seen = _count_teacher_samples(monkeypatch)
+        distill(out=tmp_path / name, **{**kw, "epochs": 1, **extra})
+        assert sum(seen) >= n_train - STUDENT["batch_size"], name  # every full batch of the epoch, live
+        assert set(seen) == {STUDENT["batch_size"]}, name

@@ -146,8 +146,16 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iter_from(0)
 
-    def iter_from(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches ``start_step, start_step + 1, ...`` of the current epoch (for a mid-epoch resume)."""
+    def iter_from(
+        self, start_step: int, *, with_index: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Batches ``start_step, start_step + 1, ...`` of the current epoch (for a mid-epoch resume).
+
+        ``with_index``: yield ``(x, y, index)``, ``index`` ``[B]`` int64 the batch's rows of the data set's ``x``
+        (on ``x``'s device), so that per-sample values computed once (a frozen teacher's outputs) can be looked up.
+        """
+        if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
+            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
         idx = self._indices()
         nb = len(self)
         for step in range(start_step, nb):
@@ -159,4 +167,7 @@ class TensorLoader:
                 xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
             if self.transform is not None:
                 xb = self.transform(xb, _generator(self.seed, self.epoch, step * _STEP_MULT + 1))
-            yield xb, yb
+            if with_index:
+                yield xb, yb, sel
+            else:
+                yield xb, yb

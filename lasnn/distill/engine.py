@@ -269,9 +269,9 @@ class Engine:
                 self.scheduler = self._schedule(stage.epochs * self.steps_per_epoch,
                                                 epoch_in_stage * self.steps_per_epoch + first)
             lr = cfg.lr
-            for step, (x, y) in enumerate(self.train_loader.iter_from(first), start=first):
+            for step, (x, y, index) in enumerate(self.train_loader.iter_from(first, with_index=True), start=first):
                 lr = cfg.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # recorded in the metrics
-                loss, parts, correct = self.objective.losses(self.net, x, y, stage)
+                loss, parts, correct = self.objective.losses(self.net, x, y, stage, index=index)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:

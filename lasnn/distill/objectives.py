@@ -204,6 +204,7 @@ class Objective:
 
     def __init__(self, cfg: TeacherConfig, ds: Dataset, device: torch.device) -> None:
         self.cfg = cfg
+        self.ds = ds
         self.device = device
         self.use_amp = device.type == "cuda" and cfg.amp  # bf16 autocast of the forwards on a GPU
 
@@ -219,10 +220,13 @@ class Objective:
         """The module the engine calls on a batch (and wraps in DistributedDataParallel under torchrun)."""
         return self.model
 
-    def losses(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, stage: Stage) -> BatchResult:
+    def losses(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, stage: Stage, *, index: torch.Tensor | None = None
+    ) -> BatchResult:
         """Loss of one batch ``x`` ``[B, ...]``, ``y`` ``[B]`` (default: cross-entropy of ``net(x)``, the logits
         ``[B, classes]``; for an SNN those are the T-averaged logits, so this is BPTT through the steps; with
-        ``per_step_loss`` the mean of the per-step cross-entropies; with ``mixup`` on the mixed batch)."""
+        ``per_step_loss`` the mean of the per-step cross-entropies; with ``mixup`` on the mixed batch).
+        ``index``: ``[B]`` the batch's rows of the training set, or None when unknown."""
         x, mix = draw_mix(x, self.cfg.mixup)
         per_step = self.is_snn and self.cfg.per_step_loss
         with self.amp():
@@ -288,6 +292,29 @@ class DistillObjective(Objective):
         self.student_tap = TappedModel(self.model, [s for s, _ in self.pairs])
         self.teacher_tap = TappedModel(self.teacher, [t for _, t in self.pairs])
         self.stages = plan_stages(cfg, len(self.pairs))
+        # When a training sample always reaches the model as the same tensor (no random augmentation, no
+        # mixup), the frozen teacher's logits for it never change: they are computed once, on first use, and
+        # looked up per batch instead of running the teacher every step (on MNIST-1D that forward costs about
+        # as much as the student's, T=4). Attention terms still run the teacher: they need its features.
+        augments = cfg.augment and (ds.crop_padding > 0 or ds.hflip)
+        self.cache_teacher_logits = cfg.mixup == 0 and not augments
+        self._teacher_logits: torch.Tensor | None = None  # [N_train, classes] float32, once computed
+
+    @torch.no_grad()
+    def teacher_train_logits(self) -> torch.Tensor:
+        """The teacher's logits ``[N_train, classes]`` (float32, on the run's device) for every training
+        sample as the loader prepares it without augmentation, in batches of the run's batch size."""
+        if self._teacher_logits is None:
+            x, b, out = self.ds.x_train, self.cfg.batch_size, []
+            with self.amp():
+                for i in range(0, x.shape[0], b):
+                    out.append(self.teacher(self.ds.prepare(x[i : i + b].to(self.device))).float())
+            self._teacher_logits = torch.cat(out)
+        return self._teacher_logits
+
+    def _uses_attention(self, stage: Stage) -> bool:
+        cfg = self.cfg
+        return stage.pair is not None or ((cfg.schedule == "joint" or cfg.final_attention) and cfg.beta > 0)
 
     def trainable(self, stage: Stage) -> list[tuple[list[str], float]]:
         if stage.pair is None:
@@ -304,14 +331,23 @@ class DistillObjective(Objective):
     def network(self) -> nn.Module:
         return self.student_tap
 
-    def losses(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, stage: Stage) -> BatchResult:
+    def losses(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, stage: Stage, *, index: torch.Tensor | None = None
+    ) -> BatchResult:
         from lasnn import attention_loss, kd_loss
 
         cfg = self.cfg
         x, mix = draw_mix(x, cfg.mixup)  # the teacher sees the same mixed batch
         with self.amp():
-            with torch.no_grad():
-                t_logits, t_feats = self.teacher_tap(x)
+            t_feats: list[torch.Tensor] = []
+            if self._uses_attention(stage):
+                with torch.no_grad():
+                    t_logits, t_feats = self.teacher_tap(x)
+            elif self.cache_teacher_logits and index is not None:
+                t_logits = self.teacher_train_logits()[index.to(self.device)]
+            else:
+                with torch.no_grad():
+                    t_logits = self.teacher(x)  # no features kept: none is used
             logits, s_feats = net(x, return_steps=True) if cfg.per_step_loss else net(x)
         logits, t_logits = logits.float(), t_logits.float()  # logits: [B, K], or [T, B, K] per step
         parts: dict[str, torch.Tensor] = {}
