@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -88,6 +89,7 @@ DEMO_RECIPES: dict[str, DemoRecipe] = {
 _DEFAULT_RECIPE = DemoRecipe(30, 30, 128, stage_epochs=None)  # cifar-scale data sets (meant for a GPU)
 
 EVAL_BATCH = 500
+DEMO_STATE = "demo.json"  # a demo's settings, written when it starts: what --resume continues
 
 
 def _say(quiet: bool, *msg: Any) -> None:
@@ -133,12 +135,13 @@ def run_demo(
     device: str = "auto",
     jobs: int | None = None,
     quiet: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The comparison in one call: teacher ANN; per seed, the LaSNN student and the directly trained student
     at ``T``; classic and robust conversions of the teacher swept over T = 1..T_max.
 
     Args:
-        out: output folder (must not hold a demo yet).
+        out: output folder (must not hold a demo yet, unless ``resume``).
         dataset, data_dir: the data set (``lasnn.data.load_dataset``).
         teacher_epochs, student_epochs, stage_epochs: override the data set's ``DEMO_RECIPES`` budget.
         T: the students' time steps; ``T_max`` (>= T): the longest conversion latency.
@@ -148,6 +151,10 @@ def run_demo(
             teacher) run at once, each in its own worker process with ``torch.get_num_threads() // jobs``
             threads. None: 2 on a CPU with at least 2 cores (small models use two cores far better as two
             processes than as two threads), else 1 (in this process, one phase after another).
+        resume: continue an interrupted demo in ``out`` (its settings, in ``out/demo.json``, must equal the ones
+            given): runs already finished are kept, interrupted ones resume from their last checkpoint (exactly,
+            as ``--resume`` of a run does), finished conversion sweeps (``out/sweep_<recipe>.json``) are read
+            back; the report's timings then cover this invocation only (``resumed``: true).
     Returns:
         the report written to ``out/report.json``: ``teacher``, ``student`` and ``direct`` (mean accuracy at
         ``T``, its standard deviation and per-seed values, firing rate, mean curve over T), ``gain_over_direct``
@@ -155,7 +162,8 @@ def run_demo(
         exceeds twice the standard error), ``conversion`` (per recipe: curve, ``T_to_match_student``,
         ``ratio``), ``recipe`` (everything needed to rerun it), timings.
     Raises:
-        ValueError for bad arguments or an existing demo in ``out``; DatasetError for missing data.
+        ValueError for bad arguments, an existing demo in ``out`` (without ``resume``), or with ``resume`` a
+        complete demo, no demo, or other settings; DatasetError for missing data.
     """
     from lasnn.convert.latency import accuracy_vs_timesteps
     from lasnn.convert.pipeline import _device, ann_accuracy, snn_firing_rate
@@ -175,18 +183,37 @@ def run_demo(
                     ("stage_epochs", stage_epochs)):
         if v is not None:
             _check_int(name, v, 1)
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be a bool, got {type(resume).__name__}")
     out = Path(out)
-    for name in ("teacher", "student", "direct", "report.json"):
-        if (out / name).exists():
-            raise ValueError(f"--out {str(out)!r} already holds a demo ({name}); choose an empty or new folder")
     rec = DEMO_RECIPES.get(dataset, _DEFAULT_RECIPE)
     rec = dataclasses.replace(
         rec, teacher_epochs=teacher_epochs or rec.teacher_epochs, student_epochs=student_epochs or rec.student_epochs,
         stage_epochs=stage_epochs if stage_epochs is not None else rec.stage_epochs,
     )
+    settings = {"dataset": dataset, "data_dir": None if data_dir is None else str(data_dir),
+                "teacher_epochs": rec.teacher_epochs, "student_epochs": rec.student_epochs,
+                "stage_epochs": rec.stage_epochs, "T": T, "T_max": T_max, "seed": seed, "seeds": seeds}
+    state = out / DEMO_STATE
+    if resume:
+        if (out / "report.json").exists():
+            raise ValueError(f"--out {str(out)!r} holds a complete demo (report.json); nothing to resume")
+        if not state.is_file():
+            raise ValueError(f"--out {str(out)!r} holds no demo to resume ({DEMO_STATE} is missing)")
+        saved = json.loads(state.read_text())
+        diff = [f"{k}: the demo has {saved.get(k)!r}, got {v!r}" for k, v in settings.items() if saved.get(k) != v]
+        if diff:
+            raise ValueError(f"--resume continues the same demo; its settings differ: {'; '.join(diff)}")
+    else:
+        for name in ("teacher", "student", "direct", "report.json", DEMO_STATE):
+            if (out / name).exists():
+                raise ValueError(f"--out {str(out)!r} already holds a demo ({name}); choose an empty or new folder, "
+                                 "or --resume it")
     t0, c0 = time.perf_counter(), time.process_time()
     ds = load_dataset(dataset, data_dir)  # fail early, before any training, on a missing data set
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_json(state, settings)
     dev = _device(device)
     if jobs is None:
         jobs = 2 if dev.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
@@ -204,9 +231,12 @@ def run_demo(
             cpu[key] = cpu.get(key, 0.0) + time.process_time() - c
 
     _say(quiet, f"[1/{n_phases}] teacher ANN on {dataset}: {rec.teacher_epochs} epochs")
+    def again(run: Path) -> bool:  # resume this run (it was started by the interrupted demo)
+        return resume and (run / "config.json").is_file()
+
     with phase("teacher"):
         train_teacher(out=out / "teacher", dataset=dataset, data_dir=data_dir, epochs=rec.teacher_epochs, seed=seed,
-                      device=device, quiet=True)
+                      device=device, quiet=True, resume=again(out / "teacher"))
     kd = {"schedule": rec.schedule, "kd_weight": rec.kd_weight, "kd_temperature": rec.kd_temperature,
           "final_attention": rec.final_attention, "per_step_loss": rec.per_step_loss}
     if rec.schedule == "layerwise":
@@ -227,19 +257,29 @@ def run_demo(
         tasks.append(("student", f"[{2 + 2 * i}/{n_phases}] {rec.label} SNN at T={T} ({rec.schedule}), seed {s}: "
                                  f"{rec.student_epochs} epochs", "distill",
                       {"out": base / "student", "teacher": str(out / "teacher"), "seed": s, "lr": rec.lr, **kd,
-                       **common}))
+                       **common, "resume": again(base / "student")}))
         tasks.append(("direct", f"[{3 + 2 * i}/{n_phases}] the same student trained directly (no teacher), seed {s}: "
                                 f"{rec.student_epochs} epochs", "train_snn",
-                      {"out": base / "direct", "seed": s, "lr": rec.direct_lr, **common}))
+                      {"out": base / "direct", "seed": s, "lr": rec.direct_lr, **common,
+                       "resume": again(base / "direct")}))
+    sweeps: dict[str, tuple[dict[int, float], float]] = {}
     for i, (name, (method, membrane)) in enumerate(recipes.items()):
+        saved_sweep = out / f"sweep_{name}.json"
+        if resume and saved_sweep.is_file():
+            sweeps[name] = _read_sweep(saved_sweep)
+            _say(quiet, f"[{2 + 2 * seeds + i}/{n_phases}] {name} conversion: finished before, read from "
+                        f"{saved_sweep.name}")
+            continue
         tasks.append((f"conversion_{name}",
                       f"[{2 + 2 * seeds + i}/{n_phases}] {name} conversion ({method} thresholds, membrane starting "
                       f"at {membrane:g}·θ), T = 1..{T_max}" + (f" on the first {sub_n} test samples" if sub_n else ""),
                       "sweep", {"teacher": out / "teacher", "dataset": dataset, "data_dir": data_dir,
                                 "samples": sub_n, "method": method, "initial_membrane": membrane, "T_max": T_max,
-                                "device": device}))
+                                "device": device, "save": saved_sweep}))
     results, child_cpu = _run_jobs(tasks, jobs, quiet, timings, cpu)
-    sweeps = {name: results[len(tasks) - len(recipes) + i] for i, name in enumerate(recipes)}
+    for (key, _, _, _), result in zip(tasks, results, strict=True):
+        if key.startswith("conversion_"):
+            sweeps[key.removeprefix("conversion_")] = result
 
     test = ds.loader("test", EVAL_BATCH)
     sub = ds if sub_n is None else dataclasses.replace(ds, x_test=ds.x_test[:sub_n], y_test=ds.y_test[:sub_n])
@@ -320,6 +360,7 @@ def run_demo(
         "cpu_timings": {k: round(v, 2) for k, v in cpu.items()},
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu_seconds, 2),
+        "resumed": resume,  # true: timings and seconds cover the resuming invocation only
     }
     write_json(out / "report.json", report)
     plot_latency(out / "latency.png", curves, teacher_acc=teacher_acc,
@@ -383,8 +424,10 @@ def _job(job: str, kwargs: dict[str, Any], threads: int | None) -> tuple[Any, fl
 
 
 def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | None, method: str,
-           initial_membrane: float, T_max: int, device: str) -> tuple[dict[int, float], float]:
-    """Convert the teacher run's ANN and sweep T = 1..T_max over the first ``samples`` test samples (None: all)."""
+           initial_membrane: float, T_max: int, device: str,
+           save: Path | None = None) -> tuple[dict[int, float], float]:
+    """Convert the teacher run's ANN and sweep T = 1..T_max over the first ``samples`` test samples (None: all);
+    ``save``: also write ``(curve, firing rate)`` there (atomically), for a resumed demo."""
     from lasnn.convert.pipeline import _convert_curve, _device, _loaders
     from lasnn.data import load_dataset
     from lasnn.distill import load_run
@@ -397,7 +440,17 @@ def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | Non
     ann = load_run(teacher, which="last").model.to(dev).eval()
     _, curve, rate = _convert_curve(ann, calib, ds.loader("test", EVAL_BATCH), method=method, percentile=99.9,
                                     initial_membrane=initial_membrane, T_max=T_max, device=dev)
+    if save is not None:
+        from lasnn.convert.report import write_json
+
+        write_json(save, {"accuracy_by_T": {str(t): a for t, a in curve.items()}, "firing_rate": rate})
     return curve, rate
+
+
+def _read_sweep(path: Path) -> tuple[dict[int, float], float]:
+    """A sweep written by ``_sweep(save=path)``: ``(curve {T: accuracy}, firing rate)``."""
+    d = json.loads(path.read_text())
+    return {int(t): float(a) for t, a in d["accuracy_by_T"].items()}, float(d["firing_rate"])
 
 
 def _run_jobs(tasks: list[tuple[str, str, str, dict[str, Any]]], jobs: int, quiet: bool,
@@ -475,19 +528,30 @@ def _headline(rep: dict[str, Any]) -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lasnn.data import DatasetError
 
-    kw: dict[str, Any] = {}
-    if args.quick:  # the test suite's reduced mode: tiny data set, a couple of epochs, short sweep
-        kw = {"teacher_epochs": 6, "student_epochs": 6, "stage_epochs": 1}
-    for k in ("teacher_epochs", "student_epochs"):
-        if getattr(args, k) is not None:
-            kw[k] = getattr(args, k)
+    # The demo's settings: the defaults, or with --resume the interrupted demo's own; flags given on the command
+    # line override them (a resume then refuses any that differ from the demo's).
+    kw: dict[str, Any] = dict(_DEMO_DEFAULTS)
     try:
-        run_demo(args.out, dataset=args.dataset, data_dir=args.data_dir, T=args.T, T_max=args.T_max, seed=args.seed,
-                 seeds=args.seeds, device=args.device, jobs=args.jobs, quiet=args.quiet, **kw)
+        if args.resume:
+            state = Path(args.out) / DEMO_STATE
+            if state.is_file():
+                kw.update({k: v for k, v in json.loads(state.read_text()).items() if k in _DEMO_DEFAULTS})
+        if args.quick:  # the test suite's reduced mode: tiny data set, a couple of epochs, short sweep
+            kw.update(teacher_epochs=6, student_epochs=6, stage_epochs=1)
+        for k in _DEMO_DEFAULTS:
+            if getattr(args, k, None) is not None:
+                kw[k] = getattr(args, k)
+        run_demo(args.out, device=args.device, jobs=args.jobs, quiet=args.quiet, resume=args.resume, **kw)
     except (ValueError, TypeError, FileNotFoundError, DatasetError) as e:
         print(f"lasnn demo: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# settings of a demo (what --resume must keep) and their command-line defaults
+_DEMO_DEFAULTS: dict[str, Any] = {"dataset": "mnist1d", "data_dir": None, "teacher_epochs": None,
+                                  "student_epochs": None, "stage_epochs": None, "T": 4, "T_max": 256, "seed": 0,
+                                  "seeds": 1}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -502,23 +566,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "percentile, membrane θ/2) recipes and sweep T = 1..T_max; print a table and the gain over direct "
         "training, write OUT/report.json and OUT/latency.png.",
     )
-    p.add_argument("--out", required=True, help="output folder (must not hold a demo yet)")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist1d",
-                   help="%(default)s (default), digits, fashionmnist (apt-get install dataset-fashion-mnist, or "
+    p.add_argument("--out", required=True, help="output folder (must not hold a demo yet, unless --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted demo in --out with its own settings: finished runs and sweeps are "
+                        "kept, interrupted runs resume from their last checkpoint")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                   help="mnist1d (default), digits, fashionmnist (apt-get install dataset-fashion-mnist, or "
                         "--data-dir); cifar10/cifar100/tinyimagenet with --data-dir (GPU advised)")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="data folder for the file-based data sets")
-    p.add_argument("--T", dest="T", type=_positive_int, default=4,
-                   help="time steps of the students (default %(default)s)")
-    p.add_argument("--T-max", dest="T_max", type=_positive_int, default=256,
-                   help="longest conversion latency, >= --T (default %(default)s)")
+    p.add_argument("--T", dest="T", type=_positive_int, default=None,
+                   help="time steps of the students (default 4)")
+    p.add_argument("--T-max", dest="T_max", type=_positive_int, default=None,
+                   help="longest conversion latency, >= --T (default 256)")
     p.add_argument("--teacher-epochs", dest="teacher_epochs", type=_positive_int, default=None,
                    help="override the data set's teacher epochs")
     p.add_argument("--student-epochs", dest="student_epochs", type=_positive_int, default=None,
                    help="override the data set's student epochs (both students)")
-    p.add_argument("--seed", type=int, default=0, help="first seed (default %(default)s)")
-    p.add_argument("--seeds", type=_positive_int, default=1,
+    p.add_argument("--seed", type=int, default=None, help="first seed (default 0)")
+    p.add_argument("--seeds", type=_positive_int, default=None,
                    help="train both students with this many seeds (one teacher) and report mean, spread and "
-                        "whether the gain exceeds twice its standard error (default %(default)s)")
+                        "whether the gain exceeds twice its standard error (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--jobs", type=_positive_int, default=None,
                    help="phases after the teacher run this many at a time, each in its own process (default: 2 "

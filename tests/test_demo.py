@@ -228,3 +228,72 @@ def test_demo_workers_end_when_the_demo_process_is_killed(tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         raise AssertionError("the worker outlived the killed demo process")
+
+
+class _Stop(Exception):
+    """Stands for the demo process being killed."""
+
+
+def test_demo_resume_continues_an_interrupted_demo_to_the_same_report(tmp_path, capsys):
+    """Interrupted inside the direct student's second epoch, then inside the second conversion sweep: each
+    --resume keeps what was finished (runs, the first sweep's saved curve) and the final report equals an
+    uninterrupted demo's."""
+    from lasnn import demo
+
+    kw = {"dataset": "synthetic", "teacher_epochs": 2, "student_epochs": 3, "stage_epochs": 1, "T_max": 8}
+    full = demo.run_demo(tmp_path / "full", jobs=1, quiet=True, **kw)
+    out = tmp_path / "cut"
+    real = demo._job
+    ran: list[str] = []
+
+    def cut_in_direct(job, kwargs, threads):
+        ran.append(job)
+        if job == "train_snn":
+            def stop(epoch, step, _n):
+                if epoch == 1 and step == 2:
+                    raise _Stop
+            kwargs = {**kwargs, "on_step": stop}
+        return real(job, kwargs, threads)
+
+    def cut_in_robust(job, kwargs, threads):
+        ran.append(job + ":" + kwargs.get("method", ""))
+        if job == "sweep" and kwargs["method"] == "robust":
+            raise _Stop
+        return real(job, kwargs, threads)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo, "_job", cut_in_direct)
+        with pytest.raises(_Stop):
+            demo.run_demo(out, jobs=1, quiet=True, **kw)
+        assert ran == ["distill", "train_snn"] and not (out / "report.json").exists()
+        assert json.loads((out / "demo.json").read_text())["student_epochs"] == 3
+        assert len((out / "direct" / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 2 was cut
+        ran.clear()
+        mp.setattr(demo, "_job", cut_in_robust)
+        with pytest.raises(_Stop):
+            demo.run_demo(out, jobs=1, quiet=True, resume=True, **kw)
+        assert ran == ["distill:", "train_snn:", "sweep:max", "sweep:robust"]
+        assert (out / "sweep_classic.json").is_file() and not (out / "sweep_robust.json").exists()
+    # the last resume through the command line, which reads the demo's settings from demo.json
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--resume", "--jobs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "classic conversion: finished before, read from sweep_classic.json" in printed
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["resumed"] is True and full["resumed"] is False
+    for key in ("student", "direct"):
+        assert rep[key]["accuracy_by_T"] == full[key]["accuracy_by_T"]
+        assert rep[key]["firing_rate"] == full[key]["firing_rate"]
+    assert rep["gain"] == full["gain"] and rep["conversion"] == full["conversion"]
+    assert rep["recipe"] == full["recipe"]
+    # nothing left to resume; other settings; no demo; a new demo into a started one
+    with pytest.raises(ValueError, match="complete demo"):
+        demo.run_demo(out, resume=True, **kw)
+    (tmp_path / "cut2").mkdir()
+    (tmp_path / "cut2" / "demo.json").write_text((out / "demo.json").read_text())
+    with pytest.raises(ValueError, match=r"student_epochs: the demo has 3, got 4"):
+        demo.run_demo(tmp_path / "cut2", resume=True, **{**kw, "student_epochs": 4})
+    with pytest.raises(ValueError, match="already holds a demo"):
+        demo.run_demo(tmp_path / "cut2", **kw)
+    with pytest.raises(ValueError, match="no demo to resume"):
+        demo.run_demo(tmp_path / "empty", resume=True, **kw)
