@@ -230,10 +230,10 @@ def run_demo(
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
             cpu[key] = cpu.get(key, 0.0) + time.process_time() - c
 
-    _say(quiet, f"[1/{n_phases}] teacher ANN on {dataset}: {rec.teacher_epochs} epochs")
     def again(run: Path) -> bool:  # resume this run (it was started by the interrupted demo)
         return resume and (run / "config.json").is_file()
 
+    _say(quiet, f"[1/{n_phases}] teacher ANN on {dataset}: {rec.teacher_epochs} epochs")
     with phase("teacher"):
         train_teacher(out=out / "teacher", dataset=dataset, data_dir=data_dir, epochs=rec.teacher_epochs, seed=seed,
                       device=device, quiet=True, resume=again(out / "teacher"))
