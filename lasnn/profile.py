@@ -327,7 +327,8 @@ def profile(model: nn.Module, x: torch.Tensor, *, e_mac_pj: float = E_MAC_PJ, e_
     was_training = model.training
     model.eval()
     try:
-        model(x)
+        with torch.no_grad():  # a measurement: no graph (and no warning from reading a value off one)
+            model(x)
     finally:
         model.train(was_training)
         for h in handles:
