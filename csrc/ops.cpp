@@ -46,10 +46,11 @@ TORCH_LIBRARY(lasnn, m) {
   m.def("spike_unpack(Tensor packed, int numel, ScalarType dtype) -> Tensor");
   // Non-overlapping average pooling (kernel = stride, no padding, floor mode) of a spiking layer's output:
   //   x [P..., H, W] with kernel [kh, kw], or [P..., L] with [k] -> [P..., H/kh, W/kw] (floor), bit-identical
-  //   to torch.nn.functional.avg_pool2d/1d. avg_pool_bwd: grad_out -> grad_x of input_sizes. CPU kernels
-  //   (csrc/cpu/avg_pool.cpp); elsewhere lasnn/ops/avg_pool.py calls torch's pooling.
+  //   to torch.nn.functional.avg_pool2d/1d. avg_pool_bwd: grad_out -> grad_x of input_sizes. A channels-last
+  //   4-d x (not also contiguous) gives a channels-last output; channels_last=True gives a channels-last
+  //   grad_x. CPU kernels (csrc/cpu/avg_pool.cpp); elsewhere lasnn/ops/avg_pool.py calls torch's pooling.
   m.def("avg_pool_fwd(Tensor x, int[] kernel) -> Tensor");
-  m.def("avg_pool_bwd(Tensor grad_out, SymInt[] input_sizes, int[] kernel) -> Tensor");
+  m.def("avg_pool_bwd(Tensor grad_out, SymInt[] input_sizes, int[] kernel, bool channels_last=False) -> Tensor");
   // Which build of the CPU LIF kernels runs fp32 and bf16 on this machine: "avx512", "avx2" or "base"
   // (after LASNN_CPU_ISA); fp16 and fp64 always run "base". Shown by `python -m lasnn info` and the
   // benchmarks.

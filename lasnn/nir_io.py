@@ -55,13 +55,14 @@ def _nir():
 def _tracer_cls():
     import torch.fx
 
-    from lasnn.nn.pool import AvgPool1d, AvgPool2d
+    from lasnn.nn.pool import AdaptiveAvgPool2d, AvgPool1d, AvgPool2d
     from lasnn.nn.spikify import FoldedNeuron
 
     class _Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             # lasnn's pools are torch pools to the exporter (subclasses, the same arguments)
-            return isinstance(m, (FoldedNeuron, AvgPool1d, AvgPool2d)) or super().is_leaf_module(m, qualname)
+            lasnn_leaves = (FoldedNeuron, AvgPool1d, AvgPool2d, AdaptiveAvgPool2d)
+            return isinstance(m, lasnn_leaves) or super().is_leaf_module(m, qualname)
 
     return _Tracer
 

@@ -65,6 +65,42 @@ def test_bit_identical_to_aten(case, dtype, nan_fill):
         assert type(avg_pool(x.clone().requires_grad_(True), k).grad_fn).__name__ == "AvgPoolFunctionBackward"
 
 
+CL_CASES = [c for c in CASES if len(c[1]) == 2]
+
+
+@needs_kernel
+@pytest.mark.parametrize("grad_layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", CL_CASES, ids=_id)
+def test_channels_last_is_pooled_as_it_lies(case, dtype, grad_layout, nan_fill):
+    """A channels-last input runs the kernel without a copy, gives ATen's values bit for bit and keeps its
+    layout in the output and in the input gradient, whatever the incoming gradient's layout."""
+    shape, k = case
+    x, grad = _pair(shape, k, dtype, seed=len(shape) * 5 + k[1])
+    y_ref, gx_ref = _grads(lambda t: avg_pool_reference(t, k), x, grad)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if grad_layout == "channels_last":
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    y, gx = _grads(lambda t: avg_pool(t, k), x, grad)
+    assert torch.equal(y, y_ref), (y - y_ref).abs().max()
+    assert torch.equal(gx, gx_ref), (gx - gx_ref).abs().max()
+    if not x.is_contiguous():  # C = 1 or an empty batch: one memory order for both layouts
+        cl = torch.channels_last
+        assert y.is_contiguous(memory_format=cl) and gx.is_contiguous(memory_format=cl)
+        assert type(avg_pool(x.clone().requires_grad_(True), k).grad_fn).__name__ == "AvgPoolFunctionBackward"
+
+
+@needs_kernel
+def test_channels_last_one_window_per_plane_keeps_the_gradient_layout():
+    """A global 2-d pool of a channels-last input: its output ``[N, C, 1, 1]`` is both contiguous and
+    channels-last, so the input gradient's layout comes from the recorded input layout, not from the gradient."""
+    x = torch.randn(3, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = avg_pool(x, 6)
+    assert y.shape == (3, 4, 1, 1) and y.is_contiguous()
+    (gx,) = torch.autograd.grad(y, x, torch.randn(3, 4, 1, 1))
+    assert gx.is_contiguous(memory_format=torch.channels_last) and not gx.is_contiguous()
+
+
 @needs_kernel
 def test_spike_input_and_rows_dropped_by_floor_get_zero_gradient(nan_fill):
     x = (torch.rand(6, 4, 13, 15, generator=torch.Generator().manual_seed(1)) < 0.3).float().requires_grad_(True)
@@ -118,6 +154,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.lasnn.avg_pool_fwd.default, (torch.randn(2, 3, 9), [3]))
     g = torch.randn(2, 3, 3, 3)
     torch.library.opcheck(torch.ops.lasnn.avg_pool_bwd.default, (g, [2, 3, 6, 7], [2, 2]))
+    cl = torch.channels_last
+    torch.library.opcheck(torch.ops.lasnn.avg_pool_fwd.default, (x.contiguous(memory_format=cl), [2, 2]))
+    torch.library.opcheck(torch.ops.lasnn.avg_pool_bwd.default, (g, [2, 3, 6, 7], [2, 2], True))
+    torch.library.opcheck(torch.ops.lasnn.avg_pool_bwd.default, (g.contiguous(memory_format=cl), [2, 3, 6, 7], [2, 2],
+                                                                 True))
 
 
 @needs_kernel
@@ -147,6 +188,8 @@ def test_raw_op_errors_name_the_argument():
         torch.ops.lasnn.avg_pool_bwd(torch.randn(2, 3, 3, 3), [2, 3, 8, 8], [2, 2])
     with pytest.raises(ValueError, match="x must be a floating tensor"):
         torch.ops.lasnn.avg_pool_fwd(torch.ones(2, 3, 4, 4, dtype=torch.int64), [2, 2])
+    with pytest.raises(ValueError, match="channels_last needs a 2-d pool of a 4-d input"):
+        torch.ops.lasnn.avg_pool_bwd(torch.randn(2, 3, 4), [2, 3, 8], [2], True)
 
 
 def test_python_errors_name_the_argument():

@@ -157,7 +157,11 @@ def test_bad_arguments(demo_dir, tmp_path, capsys):
 
 def test_demo_jobs_in_worker_processes_give_the_same_report(tmp_path, capsys):
     """The phases after the teacher run in worker processes with ``jobs=2``: the same runs, curves and gain as
-    one after another in this process (both with one thread per phase)."""
+    one after another in this process (both with one thread per phase). The second demo starts from the first
+    one's teacher (copied in, then ``resume``): trained here with two threads, a channels-last teacher (image
+    data on a CPU) would differ in the last bits, ATen's channels-last batch norm summing per thread."""
+    import shutil
+
     import torch
 
     from lasnn import demo
@@ -168,8 +172,11 @@ def test_demo_jobs_in_worker_processes_give_the_same_report(tmp_path, capsys):
     try:
         torch.set_num_threads(1)
         one = demo.run_demo(tmp_path / "one", jobs=1, quiet=True, **kw)
+        (tmp_path / "two").mkdir()
+        shutil.copy(tmp_path / "one" / demo.DEMO_STATE, tmp_path / "two" / demo.DEMO_STATE)
+        shutil.copytree(tmp_path / "one" / "teacher", tmp_path / "two" / "teacher")
         torch.set_num_threads(2)  # two workers with 2 // 2 = 1 thread each
-        two = demo.run_demo(tmp_path / "two", jobs=2, **kw)
+        two = demo.run_demo(tmp_path / "two", jobs=2, resume=True, **kw)
     finally:
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads  # the workers' thread settings stay in the workers

@@ -420,6 +420,33 @@ def test_kd_weight_default_resolves_per_data_set():
         DistillConfig(teacher="t", kd_weight=-1.0).validate()
 
 
+def test_channels_last_default_records_and_obeys_the_flag(tmp_path):
+    """``channels_last=None`` is on for 2-d convolutional models on a CPU, off for 1-d ones, on other devices and
+    where torch's CPU channels-last strided 1x1 convolution of 2-7 input channels crashes; the run records the
+    resolved value, trains its weights in that layout, and ``--no-channels-last`` turns it off."""
+    from lasnn.distill.config import SNNConfig
+    from lasnn.distill.objectives import default_channels_last
+    from lasnn.models import create
+
+    cpu = torch.device("cpu")
+    assert default_channels_last([create("digits_cnn_small")], cpu)
+    assert not default_channels_last([create("mnist1d_cnn_small")], cpu)
+    assert default_channels_last([create("resnet20", width=0.5)], cpu)
+    assert not default_channels_last([create("digits_cnn_small"), create("resnet20", width=0.25)], cpu)
+    assert not default_channels_last([create("digits_cnn_small")], torch.device("cuda"))
+    with pytest.raises(ValueError, match="channels_last must be True, False or None"):
+        SNNConfig(channels_last="yes").validate()
+    base = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "64", "--quiet"]
+    for flags, want in (([], True), (["--no-channels-last"], False), (["--channels-last"], True)):
+        out = tmp_path / f"run{len(flags)}{want}"
+        assert main(["train-snn", "--out", str(out), *base, *flags]) == 0
+        assert json.loads((out / "config.json").read_text())["channels_last"] is want
+        convs = [v for v in load_checkpoint(out / "last.pt")["model_state"].values() if v.dim() == 4]
+        assert convs and all(
+            (v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()) is want
+            for v in convs if v.shape[1] > 1)
+
+
 def test_command_help_states_the_config_defaults():
     """Every `lasnn distill` / `train-snn` option that has a config field shows that field's default."""
     import argparse

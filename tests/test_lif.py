@@ -155,6 +155,36 @@ def test_noncontiguous(backend, with_v0):
     run_and_compare(backend, T=4, shape=(3, 41), noncontiguous=True, with_v0=with_v0, v_reset=None)
 
 
+@pytest.mark.parametrize("with_v0", [False, True], ids=["zeros", "v_init"])
+@pytest.mark.parametrize("backend", KERNEL_PARAMS)
+def test_channels_last_runs_as_it_lies(backend, with_v0):
+    """Steps in channels-last order (``[T, B, C, H, W]`` folded from a channels-last ``[T*B, C, H, W]``): the
+    kernel reads the input's own memory (no copy), spikes, membrane and gradients equal those of the contiguous
+    input exactly, and the outputs and the input gradient keep the input's strides."""
+    device = _setup(backend)
+    T, B, C, H, W = 4, 3, 5, 6, 7
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(T * B, C, H, W, generator=g) * 1.5).to(device)
+    x_cl = x.contiguous(memory_format=torch.channels_last).view(T, B, C, H, W).requires_grad_(True)
+    x_c = x.view(T, B, C, H, W).clone().requires_grad_(True)
+    v0 = torch.rand(B, C, H, W, generator=g).to(device) if with_v0 else None
+    kw = dict(tau=2.0, v_reset=0.0, surrogate="triangle", alpha=1.0, return_v=True, backend=backend)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.data_ptr()) or t, lambda t: t):
+        s_cl, v_cl = lasnn.lif(x_cl, None if v0 is None else v0.contiguous(memory_format=torch.channels_last), **kw)
+    s_c, v_c = lasnn.lif(x_c, v0, **kw)
+    assert x_cl.data_ptr() in seen, "the kernel's saved input is not the input's own memory (a copy was made)"
+    assert s_cl.stride() == x_cl.stride() and v_cl.stride() == x_cl.stride()[1:]
+    assert torch.equal(s_cl, s_c) and torch.equal(v_cl, v_c)
+    assert 0 < s_c.mean() < 1
+    gs = torch.randn(T * B, C, H, W, generator=g).to(device)  # the next layer's gradient, channels-last too
+    gs_cl = gs.contiguous(memory_format=torch.channels_last).view(T, B, C, H, W)
+    (gx_cl,) = torch.autograd.grad(s_cl, x_cl, gs_cl)
+    (gx_c,) = torch.autograd.grad(s_c, x_c, gs.view(T, B, C, H, W))
+    assert gx_cl.stride() == x_cl.stride()
+    assert torch.equal(gx_cl, gx_c)
+
+
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize(
     "params",

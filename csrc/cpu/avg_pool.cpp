@@ -6,12 +6,14 @@
 //
 //   avg_pool_fwd(x [P..., H, W] or [P..., L], kernel [kh, kw] or [k]) -> out [P..., H/kh, W/kw] (floor)
 //     out[p, i, j] = (sum_{a < kh, b < kw} x[p, i*kh + a, j*kw + b]) / (kh*kw)
-//   avg_pool_bwd(grad_out, input_sizes, kernel) -> grad_x [input_sizes]
+//   avg_pool_bwd(grad_out, input_sizes, kernel, channels_last) -> grad_x [input_sizes]
 //     grad_x[p, h, w] = grad_out[p, h/kh, w/kw] / (kh*kw) inside a window, 0 in the rows/columns the floor
 //     mode drops.
 // The window is summed in ATen's order (row by row, left to right, from 0, in opmath: fp32 for
 // fp16/bf16) and divided, not multiplied by a reciprocal, so results are bit-identical to
 // torch.nn.functional.avg_pool1d/2d with the same kernel and stride (tested in tests/test_avg_pool.py).
+// A channels-last 4-d input is pooled as it lies and gives a channels-last output (the backward is told by
+// its flag, as its gradient may arrive in either layout); anything else is made contiguous.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -92,11 +94,55 @@ void pool_fwd_planes(const scalar_t* x, scalar_t* y, const PoolGeom& g) {
   });
 }
 
+// Channels-last [N, H, W, C] memory: each window is summed for all C channels at once (the channel loop is
+// innermost and contiguous, so it vectorises), in the same window order as above, so every output element
+// is the same sum as in NCHW.
+template <typename scalar_t>
+void pool_fwd_channels_last(const scalar_t* x, scalar_t* y, const PoolGeom& g, int64_t N, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t div = static_cast<acc_t>(g.kh * g.kw);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.kh * g.W * C));
+  at::parallel_for(0, N * g.Ho, grain, [&](int64_t b0, int64_t e0) {
+    std::vector<acc_t> acc(static_cast<size_t>(C));
+    for (int64_t r = b0; r < e0; ++r) {
+      const int64_t n = r / g.Ho, i = r % g.Ho;
+      const scalar_t* xr = x + ((n * g.H + i * g.kh) * g.W) * C;
+      scalar_t* yr = y + r * g.Wo * C;
+      for (int64_t j = 0; j < g.Wo; ++j) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t a = 0; a < g.kh; ++a) {
+          for (int64_t b = 0; b < g.kw; ++b) {
+            const scalar_t* px = xr + (a * g.W + j * g.kw + b) * C;
+            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(px[c]);
+          }
+        }
+        scalar_t* py = yr + j * C;
+        for (int64_t c = 0; c < C; ++c) py[c] = static_cast<scalar_t>(acc[c] / div);
+      }
+    }
+  });
+}
+
+// Channels-last pooling applies to a 4-d tensor laid out as channels-last and not also contiguous (C = 1 or
+// H = W = 1 are both, and take the contiguous path with the same memory).
+bool is_channels_last_4d(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 at::Tensor avg_pool_fwd_cpu(const at::Tensor& x_, at::IntArrayRef kernel) {
   TORCH_CHECK_VALUE(x_.is_floating_point(), "lasnn::avg_pool_fwd: x must be a floating tensor, got ",
                     x_.scalar_type());
   const PoolGeom g = geometry(x_.sizes(), kernel, "lasnn::avg_pool_fwd");
   const int64_t d = static_cast<int64_t>(kernel.size());
+  if (d == 2 && is_channels_last_4d(x_)) {
+    at::Tensor y = at::empty(out_sizes(x_.sizes(), g, d), x_.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (y.numel() == 0) return y;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "avg_pool_fwd_cpu_cl", [&] {
+      pool_fwd_channels_last<scalar_t>(x_.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g,
+                                       x_.size(0), x_.size(1));
+    });
+    return y;
+  }
   const at::Tensor x = x_.contiguous();
   at::Tensor y = at::empty(out_sizes(x.sizes(), g, d), x.options());
   if (y.numel() == 0) return y;
@@ -135,7 +181,35 @@ void pool_bwd_plane(const scalar_t* gop, scalar_t* gxp, const PoolGeom& g, at::o
   if (g.Ho * g.kh < g.H) std::memset(gxp + g.Ho * g.kh * g.W, 0, (g.H - g.Ho * g.kh) * g.W * sizeof(scalar_t));
 }
 
-at::Tensor avg_pool_bwd_cpu(const at::Tensor& grad_out_, at::IntArrayRef input_sizes, at::IntArrayRef kernel) {
+// Channels-last gradient: each output row of windows is computed once ([Wo, C] values), then copied into the
+// kh input rows, each value to kw neighbouring pixels; the columns and rows the floor mode dropped are zero.
+template <typename scalar_t>
+void pool_bwd_channels_last(const scalar_t* go, scalar_t* gx, const PoolGeom& g, int64_t N, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t div = static_cast<acc_t>(g.kh * g.kw);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.kh * g.W * C));
+  at::parallel_for(0, N * g.Ho, grain, [&](int64_t b0, int64_t e0) {
+    for (int64_t r = b0; r < e0; ++r) {
+      const int64_t n = r / g.Ho, i = r % g.Ho;
+      const scalar_t* gr = go + r * g.Wo * C;
+      scalar_t* row = gx + ((n * g.H + i * g.kh) * g.W) * C;
+      // the first pixel of each window holds the values; ATen adds grad / div to a zeroed gradient: 0 + v
+      for (int64_t j = 0; j < g.Wo; ++j) {
+        scalar_t* px = row + j * g.kw * C;
+        for (int64_t c = 0; c < C; ++c) px[c] = static_cast<scalar_t>(acc_t(0) + static_cast<acc_t>(gr[j * C + c]) / div);
+        for (int64_t b = 1; b < g.kw; ++b) std::memcpy(px + b * C, px, C * sizeof(scalar_t));
+      }
+      std::memset(row + g.Wo * g.kw * C, 0, (g.W - g.Wo * g.kw) * C * sizeof(scalar_t));
+      for (int64_t a = 1; a < g.kh; ++a) std::memcpy(row + a * g.W * C, row, g.W * C * sizeof(scalar_t));
+      if (i == g.Ho - 1 && g.Ho * g.kh < g.H) {
+        std::memset(row + g.kh * g.W * C, 0, (g.H - g.Ho * g.kh) * g.W * C * sizeof(scalar_t));
+      }
+    }
+  });
+}
+
+at::Tensor avg_pool_bwd_cpu(const at::Tensor& grad_out_, at::IntArrayRef input_sizes, at::IntArrayRef kernel,
+                            bool channels_last) {
   TORCH_CHECK_VALUE(grad_out_.is_floating_point(), "lasnn::avg_pool_bwd: grad_out must be a floating tensor, got ",
                     grad_out_.scalar_type());
   const PoolGeom g = geometry(input_sizes, kernel, "lasnn::avg_pool_bwd");
@@ -144,6 +218,18 @@ at::Tensor avg_pool_bwd_cpu(const at::Tensor& grad_out_, at::IntArrayRef input_s
   TORCH_CHECK_VALUE(grad_out_.sizes() == at::IntArrayRef(expect), "lasnn::avg_pool_bwd: grad_out must have sizes ",
                     at::IntArrayRef(expect), " for input sizes ", input_sizes, " and kernel ", kernel, ", got ",
                     grad_out_.sizes());
+  if (channels_last) {
+    TORCH_CHECK_VALUE(d == 2 && input_sizes.size() == 4, "lasnn::avg_pool_bwd: channels_last needs a 2-d pool of a "
+                      "4-d input, got input sizes ", input_sizes, " and kernel ", kernel);
+    const at::Tensor go = grad_out_.contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor gx = at::empty(input_sizes, go.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (gx.numel() == 0) return gx;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "avg_pool_bwd_cpu_cl", [&] {
+      pool_bwd_channels_last<scalar_t>(go.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), g,
+                                       input_sizes[0], input_sizes[1]);
+    });
+    return gx;
+  }
   const at::Tensor go = grad_out_.contiguous();  // an expanded gradient is read once here, then freed
   at::Tensor gx = at::empty(input_sizes, go.options());
   if (gx.numel() == 0) return gx;

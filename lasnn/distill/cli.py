@@ -72,6 +72,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "run shows the teacher the same mixed batch")
     p.add_argument("--device", default=_S, help=f"auto, cpu, cuda or cuda:N (default {_d('device')})")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=_S, help="no bf16 autocast on GPU")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--channels-last", dest="channels_last", action="store_true", default=_S,
+                        help="2-d models and activations in channels-last memory order (default: on for image "
+                             "data on a CPU, where it is faster)")
+    layout.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=_S,
+                        help="keep the default (contiguous) memory order")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 

@@ -39,7 +39,7 @@ from lasnn.distill.checkpoint import (
 )
 from lasnn.distill.config import TeacherConfig
 from lasnn.distill.dist import DistEnv, setup_distributed
-from lasnn.distill.objectives import OBJECTIVES, Stage, resolve_names
+from lasnn.distill.objectives import OBJECTIVES, Stage, default_channels_last, resolve_names
 from lasnn.distill.run import MACHINE_FIELDS, RunError, RunFolder, load_state
 from lasnn.nn.spikify import SpikeCounter
 from lasnn.runtime import preserved_rng, rng_state, set_rng_state
@@ -106,7 +106,11 @@ class Engine:
         self.objective = OBJECTIVES[type(cfg)](cfg, self.ds, dev)
         self.model = self.objective.model
         self.pairs = self.objective.pairs
-        self.model.to(dev)
+        if cfg.channels_last is None:  # resolved here, so config.json records the layout that ran
+            cfg.channels_last = default_channels_last(self.objective.models(), dev)
+        # the models' memory order: their 4-d weights; the activations follow the convolutions' outputs
+        for m in self.objective.models():
+            m.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.stages = self.objective.stages
         self.total_epochs = sum(s.epochs for s in self.stages)
         if dev.type == "cuda":

@@ -31,8 +31,8 @@ from lasnn.distill.run import RunError, checkpoint_path, load_state
 from lasnn.distill.taps import TappedModel, match_pairs, parameters_reaching
 
 __all__ = ["OBJECTIVES", "DirectSNNObjective", "DistillObjective", "Mix", "Objective", "Stage", "TeacherObjective",
-           "build_student_model", "build_teacher_model", "draw_mix", "mixed_cross_entropy", "plan_stages",
-           "resolve_names"]
+           "build_student_model", "build_teacher_model", "default_channels_last", "draw_mix", "mixed_cross_entropy",
+           "plan_stages", "resolve_names"]
 
 # ------------------------------------------------------------------------------------------ models
 
@@ -84,6 +84,19 @@ def resolve_names(cfg: TeacherConfig, ds: Dataset) -> TeacherConfig:
     elif cfg.model is None:
         cfg.model = _default_models(ds.name)[0]
     return cfg
+
+
+def default_channels_last(models: list[nn.Module], device: torch.device) -> bool:
+    """What ``channels_last=None`` means for a run of ``models`` on ``device``: True on a CPU when they have 2-d
+    convolutions (oneDNN's channels-last convolutions and ATen's channels-last batch norm are faster there:
+    a Fashion-MNIST student step at T=4 takes 0.75x the time), unless one of them is a strided 1x1 convolution
+    of 2-7 input channels, which crashes the process in channels-last on torch 2.14's CPU (oneDNN: segfault,
+    bus error or floating-point exception; e.g. resnet20 at width 0.25). False elsewhere (unmeasured on GPUs)."""
+    if device.type != "cpu":
+        return False
+    convs = [m for model in models for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hazard = any(m.kernel_size == (1, 1) and m.stride != (1, 1) and 2 <= m.in_channels <= 7 for m in convs)
+    return bool(convs) and not hazard
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -220,6 +233,10 @@ class Objective:
         """The module the engine calls on a batch (and wraps in DistributedDataParallel under torchrun)."""
         return self.model
 
+    def models(self) -> list[nn.Module]:
+        """Every model the objective runs (the trained one first), for the engine to place and lay out."""
+        return [self.model]
+
     def losses(
         self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, stage: Stage, *, index: torch.Tensor | None = None
     ) -> BatchResult:
@@ -311,6 +328,9 @@ class DistillObjective(Objective):
                     out.append(self.teacher(self.ds.prepare(x[i : i + b].to(self.device))).float())
             self._teacher_logits = torch.cat(out)
         return self._teacher_logits
+
+    def models(self) -> list[nn.Module]:
+        return [self.model, self.teacher]
 
     def _uses_attention(self, stage: Stage) -> bool:
         cfg = self.cfg

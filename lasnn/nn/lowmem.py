@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
+from lasnn.ops._common import inverse_permutation, memory_order
 from lasnn.ops.spike_bits import pack_bits, unpack_bits
 
 __all__ = ["mark_spikes", "spike_bits"]
@@ -42,10 +43,21 @@ _ACTIVE: contextvars.ContextVar[_SpikeBits | None] = contextvars.ContextVar("las
 
 
 class _Packed:
-    __slots__ = ("bits", "dtype", "shape")
+    """Bits of a saved spike tensor, in its memory order when it is dense (a channels-last one included), so
+    the unpacked tensor has the saved one's strides: the backward that reads it (a convolution's weight
+    gradient) then runs the same kernel on the same layout as without packing."""
+
+    __slots__ = ("bits", "dtype", "perm", "shape")
 
     def __init__(self, t: torch.Tensor) -> None:
+        self.perm = None if t.is_contiguous() else memory_order(t)
+        if self.perm is not None:
+            t = t.permute(self.perm)
         self.bits, self.shape, self.dtype = pack_bits(t), t.shape, t.dtype
+
+    def tensor(self) -> torch.Tensor:
+        t = unpack_bits(self.bits, self.shape, self.dtype)
+        return t if self.perm is None else t.permute(inverse_permutation(self.perm))
 
 
 class _BNOutput:
@@ -143,7 +155,7 @@ class _SpikeBits:
     @staticmethod
     def unpack(p: Any) -> torch.Tensor:
         if isinstance(p, _Packed):
-            return unpack_bits(p.bits, p.shape, p.dtype)
+            return p.tensor()
         if isinstance(p, _Recompute):
             return p.tensor()
         return p

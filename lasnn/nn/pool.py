@@ -5,6 +5,11 @@ no padding, floor mode, no divisor override), so the time-folded body pools with
 (``lasnn.ops.avg_pool``: bit-identical results, no saved input). Any other configuration, and any
 non-CPU tensor, runs the torch pool's own forward. Being subclasses, they keep the torch pool's
 attributes, ``repr``, state dict (none) and ``isinstance`` checks (NIR export).
+
+``AdaptiveAvgPool2d`` (also put in by ``spikify``) is ATen's adaptive pool, forward and backward, with one
+change: its backward gets the incoming gradient in the input's memory order. A channels-last network's head
+(``adaptive pool -> flatten -> linear``) hands back a contiguous gradient, with which ATen's backward copies
+the input to another layout (5.1 ms vs 0.7 ms for ``[512, 64, 7, 7]`` -> 2x2, one thread).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from torch import nn
 
 from lasnn.ops.avg_pool import avg_pool
 
-__all__ = ["AvgPool1d", "AvgPool2d", "fast_pool"]
+__all__ = ["AdaptiveAvgPool2d", "AvgPool1d", "AvgPool2d", "fast_pool"]
 
 
 def _pair(v: int | tuple[int, ...], n: int) -> tuple[int, ...]:
@@ -57,12 +62,50 @@ class AvgPool2d(nn.AvgPool2d):
         return avg_pool(input, list(k))
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
+class _AdaptiveAvgPool2dFunction(torch.autograd.Function):
+    """ATen's adaptive average pool; the backward first brings the gradient to the input's layout."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return torch.ops.aten._adaptive_avg_pool2d(x, output_size)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        return torch.ops.aten._adaptive_avg_pool2d_backward(grad_out, x), None
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` whose backward runs in the input's memory order (see the module docstring);
+    the same values bit for bit. Unbatched input, ``None`` in the output size, fx tracing and ``torch.compile``
+    run the torch pool's own forward."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` -> ``[N, C, *output_size]``."""
+        size = (self.output_size,) * 2 if isinstance(self.output_size, int) else tuple(self.output_size)
+        if (isinstance(input, torch.fx.Proxy) or torch.compiler.is_compiling() or input.dim() != 4
+                or any(s is None for s in size) or not (input.requires_grad and torch.is_grad_enabled())):
+            return super().forward(input)
+        return _AdaptiveAvgPool2dFunction.apply(input, size)
+
+
 def fast_pool(m: nn.Module) -> nn.Module | None:
-    """The lasnn pool that computes what ``m`` does (same arguments), or None when ``m`` is not a plain
-    ``nn.AvgPool1d``/``nn.AvgPool2d`` whose windows tile its input (stride = kernel, no padding, floor mode),
-    or has hooks (subclasses and lasnn pools are left as they are)."""
+    """The lasnn pool that computes what ``m`` does (same arguments), or None when ``m`` is neither a plain
+    ``nn.AvgPool1d``/``nn.AvgPool2d`` whose windows tile its input (stride = kernel, no padding, floor mode)
+    nor an ``nn.AdaptiveAvgPool2d``, or has hooks (subclasses and lasnn pools are left as they are)."""
     if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
         return None  # a hook someone registered on this module object would be lost
+    if type(m) is nn.AdaptiveAvgPool2d:
+        new_a = AdaptiveAvgPool2d(m.output_size)
+        new_a.train(m.training)
+        return new_a
     if type(m) not in (nn.AvgPool1d, nn.AvgPool2d) or _plain_windows(m, 1 if type(m) is nn.AvgPool1d else 2) is None:
         return None
     if type(m) is nn.AvgPool1d:

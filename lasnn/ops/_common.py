@@ -1,5 +1,6 @@
-"""Pieces shared by the public ops: the registration of each op's fake kernels and Triton ops (the
-argument checks live in ``lasnn.checks``, shared with every other layer)."""
+"""Pieces shared by the public ops: the registration of each op's fake kernels and Triton ops, and the
+memory-order permutation of dense tensors (the argument checks live in ``lasnn.checks``, shared with every
+other layer)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,28 @@ from collections.abc import Callable
 import torch
 
 from lasnn import _ext
+
+
+def memory_order(t: torch.Tensor, fixed: int = 0) -> list[int] | None:
+    """The permutation of ``t``'s dims that makes it contiguous, its first ``fixed`` dims kept in place, or
+    None when there is none (the elements overlap or have gaps, or a kept dim is not outer to the rest).
+
+    For a channels-last ``[N, C, H, W]`` it is ``[0, 2, 3, 1]``: ``t.permute(perm)`` is then a contiguous view
+    of the same memory, so an elementwise kernel can run on it and its output be permuted back to ``t``'s
+    strides, with no copy either way. Already contiguous: the identity.
+    """
+    nd = t.dim()
+    rest = sorted(range(fixed, nd), key=lambda d: -t.stride(d))  # stable: ties (size-1 dims) keep their order
+    perm = [*range(fixed), *rest]
+    return perm if t.permute(perm).is_contiguous() else None
+
+
+def inverse_permutation(perm: list[int]) -> list[int]:
+    """``inv`` with ``t.permute(perm).permute(inv)`` equal to ``t``."""
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
 
 
 def register_op_pair(

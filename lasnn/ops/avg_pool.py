@@ -8,8 +8,9 @@ the input, the spikes).
 
 Op schemas: csrc/ops.cpp (``lasnn::avg_pool_fwd``, ``lasnn::avg_pool_bwd``); CPU kernels:
 csrc/cpu/avg_pool.cpp; oracle: ``torch.nn.functional.avg_pool1d/2d`` with ``stride = kernel``
-(:func:`avg_pool_reference`), which the kernels match bit for bit. On other devices, for non-contiguous
-input, or without the extension, :func:`avg_pool` calls that oracle. Modules: ``lasnn.nn.AvgPool1d`` /
+(:func:`avg_pool_reference`), which the kernels match bit for bit, channels-last input included (pooled as it
+lies, output channels-last). On other devices, for other non-contiguous input, or without the extension,
+:func:`avg_pool` calls that oracle. Modules: ``lasnn.nn.AvgPool1d`` /
 ``AvgPool2d`` (``spikify`` puts them in place of eligible torch pools). Tests: tests/test_avg_pool.py.
 Bench: benches/bench_avg_pool.py.
 """
@@ -32,11 +33,19 @@ if HAS_KERNEL:
 
     @torch.library.register_fake("lasnn::avg_pool_fwd")
     def _fake_fwd(x, kernel):
-        return x.new_empty(_out_shape(x.shape, kernel))
+        fmt = torch.channels_last if len(kernel) == 2 and _channels_last_4d(x) else torch.contiguous_format
+        return x.new_empty(_out_shape(x.shape, kernel)).contiguous(memory_format=fmt)
 
     @torch.library.register_fake("lasnn::avg_pool_bwd")
-    def _fake_bwd(grad_out, input_sizes, kernel):
-        return grad_out.new_empty(input_sizes)
+    def _fake_bwd(grad_out, input_sizes, kernel, channels_last=False):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return grad_out.new_empty(input_sizes).contiguous(memory_format=fmt)
+
+
+def _channels_last_4d(x: torch.Tensor) -> bool:
+    """The kernels' test for a channels-last input: 4-d, channels-last and not also contiguous (C = 1 or
+    H = W = 1 are both: the same memory either way)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _out_shape(shape: Sequence[int], kernel: Sequence[int]) -> list[int]:
@@ -67,22 +76,23 @@ def avg_pool_reference(x: torch.Tensor, kernel_size: int | Sequence[int]) -> tor
 
 
 class AvgPoolFunction(torch.autograd.Function):
-    """Autograd for the CPU pooling kernels: saves only the input's shape (the backward spreads
-    ``grad_out / (kh*kw)`` over each window and needs no data)."""
+    """Autograd for the CPU pooling kernels: saves only the input's shape and layout (the backward spreads
+    ``grad_out / (kh*kw)`` over each window and needs no data); the input gradient has the input's layout."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel: list[int]) -> torch.Tensor:
         ctx.input_shape = list(x.shape)
         ctx.kernel = kernel
+        ctx.channels_last = len(kernel) == 2 and _channels_last_4d(x)
         return torch.ops.lasnn.avg_pool_fwd(x, kernel)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return torch.ops.lasnn.avg_pool_bwd(grad_out, ctx.input_shape, ctx.kernel), None
+        return torch.ops.lasnn.avg_pool_bwd(grad_out, ctx.input_shape, ctx.kernel, ctx.channels_last), None
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
-    return HAS_KERNEL and x.device.type == "cpu" and x.is_contiguous()
+    return HAS_KERNEL and x.device.type == "cpu" and (x.is_contiguous() or _channels_last_4d(x))
 
 
 def avg_pool(x: torch.Tensor, kernel_size: int | Sequence[int]) -> torch.Tensor:
@@ -95,7 +105,8 @@ def avg_pool(x: torch.Tensor, kernel_size: int | Sequence[int]) -> torch.Tensor:
         ``[N, C, L // k]`` or ``[N, C, H // kh, W // kw]``, bit-identical to
         ``F.avg_pool1d/2d(x, kernel_size, kernel_size)`` and differentiable.
 
-    The fused CPU kernel runs for contiguous CPU tensors; elsewhere ATen's pooling does.
+    The fused CPU kernel runs for contiguous and channels-last (4-d) CPU tensors, and keeps the input's
+    layout; elsewhere ATen's pooling does.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}"

@@ -15,7 +15,7 @@ import torch
 
 from lasnn import backends
 from lasnn.checks import check_float, check_tensor
-from lasnn.ops._common import register_op_pair
+from lasnn.ops._common import inverse_permutation, memory_order, register_op_pair
 from lasnn.reference.lif import SURROGATES, lif_reference
 
 __all__ = ["LIFFunction", "lif"]
@@ -117,7 +117,10 @@ def lif(
             run a long sequence in chunks.
         backend: ``auto``, ``reference``, ``cpu``, ``triton`` or ``cuda`` (``LASNN_BACKEND`` overrides auto).
     Returns:
-        spikes ``[T, *]`` (0/1 in x's dtype), or ``(spikes, v_last)`` with ``return_v``.
+        spikes ``[T, *]`` (0/1 in x's dtype), or ``(spikes, v_last)`` with ``return_v``. A dense ``x_seq`` whose
+        time dim is outermost in memory (e.g. ``[T, B, C, H, W]`` with channels-last ``[B, C, H, W]`` steps)
+        gets outputs with its own strides, without a copy; any other layout is copied to contiguous first and
+        gets contiguous outputs.
     """
     check_tensor("x_seq", x_seq, min_dim=1)
     tau = check_float("tau", tau, positive=True, allow_inf=True)
@@ -146,6 +149,15 @@ def lif(
         )
     else:
         T = x_seq.shape[0]
+        # A dense input in another memory order (channels-last, time still outermost) runs as it lies: the
+        # kernel sees the neurons in memory order (each neuron's dynamics are independent of the others') and
+        # the outputs come back with the input's strides, so a channels-last network stays channels-last
+        # with no copy on either side (the next convolution and batch norm then take their fast path).
+        perm = None if x_seq.is_contiguous() else memory_order(x_seq, fixed=1)
+        if perm is not None:
+            x_seq = x_seq.permute(perm)
+            if v_init is not None:
+                v_init = v_init.permute([p - 1 for p in perm[1:]])
         # math.prod, not -1: reshape cannot infer a dimension when T = 0.
         x2d = x_seq.reshape(T, math.prod(x_seq.shape[1:]))
         if not x2d.is_contiguous():
@@ -158,4 +170,8 @@ def lif(
         )
         spikes = spikes.view(x_seq.shape)
         v_last = v_last.view(x_seq.shape[1:])
+        if perm is not None:
+            inv = inverse_permutation(perm)
+            spikes = spikes.permute(inv)
+            v_last = v_last.permute([p - 1 for p in inv[1:]])
     return (spikes, v_last) if return_v else spikes
