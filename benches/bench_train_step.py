@@ -12,6 +12,8 @@ channels, 2x2 average pooling after every second one) and a linear classifier, o
 - ``lasnn``: ``lasnn.spikify`` of it (LIF tau=2, hard reset), low-memory BPTT on (spikes saved as bits);
 - ``lasnn_recompute``: the same with ``snn.low_memory = "recompute"`` (batch-norm outputs recomputed too);
 - ``lasnn_plain``: the same with ``snn.low_memory = False``;
+- ``ann_channels_last``, ``lasnn_channels_last``: ``ann`` and ``lasnn`` with the model and the input in
+  channels-last memory order (what ``lasnn train-snn``/``distill`` do on a CPU for image data);
 - ``spikingjelly``: SpikingJelly 2.0 multi-step layers, ``LIFNode(tau=2)`` (its default backend);
 - ``spikingjelly_memopt``: that, after ``memopt.optimize_memory(level=1)`` (skipped where it cannot run,
   with the reason).
@@ -37,7 +39,8 @@ T = 4
 BATCHES = (16, 48)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROUNDS = int(os.environ.get("LASNN_BENCH_ROUNDS", "5"))
-ROWS = ("ann", "lasnn", "lasnn_recompute", "lasnn_plain", "spikingjelly", "spikingjelly_memopt")
+ROWS = ("ann", "lasnn", "lasnn_recompute", "lasnn_plain", "ann_channels_last", "lasnn_channels_last", "spikingjelly",
+        "spikingjelly_memopt")
 _peaks: dict[tuple[str, int], int] = {}
 
 
@@ -89,9 +92,11 @@ def _model(row: str, x: torch.Tensor):
     if row.startswith("spikingjelly"):
         return _spikingjelly(row.endswith("memopt"), x)
     ann = _vgg(nn.ReLU).to(DEVICE)
+    layout = torch.channels_last if row.endswith("_channels_last") else torch.preserve_format
+    row = row.removesuffix("_channels_last")
     if row == "ann":
-        return ann, ann
-    snn = lasnn.spikify(ann, T=T).to(DEVICE)
+        return ann.to(memory_format=layout), ann
+    snn = lasnn.spikify(ann, T=T).to(DEVICE, memory_format=layout)
     snn.low_memory = {"lasnn": True, "lasnn_recompute": "recompute", "lasnn_plain": False}[row]
     return snn, snn
 
@@ -106,6 +111,8 @@ def _sync() -> None:
 def test_train_step(benchmark, bench_info, peak_bytes, row, batch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(DEVICE)
+    if row.endswith("_channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), generator=g).to(DEVICE)
     module, forward = _model(row, x)
     module.train()
