@@ -154,11 +154,7 @@ class _SpikeBits:
 
     @staticmethod
     def unpack(p: Any) -> torch.Tensor:
-        if isinstance(p, _Packed):
-            return p.tensor()
-        if isinstance(p, _Recompute):
-            return p.tensor()
-        return p
+        return p.tensor() if isinstance(p, (_Packed, _Recompute)) else p
 
 
 def _other_hooks_active() -> bool:

@@ -18,6 +18,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from lasnn.ops._common import is_channels_last_4d
 from lasnn.ops.avg_pool import avg_pool
 
 __all__ = ["AdaptiveAvgPool2d", "AvgPool1d", "AvgPool2d", "fast_pool"]
@@ -62,11 +63,6 @@ class AvgPool2d(nn.AvgPool2d):
         return avg_pool(input, list(k))
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
-
-
 class _AdaptiveAvgPool2dFunction(torch.autograd.Function):
     """ATen's adaptive average pool; the backward first brings the gradient to the input's layout."""
 
@@ -78,7 +74,8 @@ class _AdaptiveAvgPool2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last if is_channels_last_4d(x) else
+                                       torch.contiguous_format)
         return torch.ops.aten._adaptive_avg_pool2d_backward(grad_out, x), None
 
 

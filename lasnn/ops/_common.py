@@ -26,6 +26,12 @@ def memory_order(t: torch.Tensor, fixed: int = 0) -> list[int] | None:
     return perm if t.permute(perm).is_contiguous() else None
 
 
+def is_channels_last_4d(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a 4-d tensor in channels-last order and not also contiguous (``C = 1`` or ``H = W = 1``
+    are both: the same memory either way, taken as contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def inverse_permutation(perm: list[int]) -> list[int]:
     """``inv`` with ``t.permute(perm).permute(inv)`` equal to ``t``."""
     inv = [0] * len(perm)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lasnn import _ext
+from lasnn.ops._common import is_channels_last_4d  # the kernels' test for a channels-last input
 
 __all__ = ["AvgPoolFunction", "avg_pool", "avg_pool_reference", "check_kernel"]
 
@@ -33,7 +34,7 @@ if HAS_KERNEL:
 
     @torch.library.register_fake("lasnn::avg_pool_fwd")
     def _fake_fwd(x, kernel):
-        fmt = torch.channels_last if len(kernel) == 2 and _channels_last_4d(x) else torch.contiguous_format
+        fmt = torch.channels_last if len(kernel) == 2 and is_channels_last_4d(x) else torch.contiguous_format
         return x.new_empty(_out_shape(x.shape, kernel)).contiguous(memory_format=fmt)
 
     @torch.library.register_fake("lasnn::avg_pool_bwd")
@@ -41,11 +42,6 @@ if HAS_KERNEL:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return grad_out.new_empty(input_sizes).contiguous(memory_format=fmt)
 
-
-def _channels_last_4d(x: torch.Tensor) -> bool:
-    """The kernels' test for a channels-last input: 4-d, channels-last and not also contiguous (C = 1 or
-    H = W = 1 are both: the same memory either way)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _out_shape(shape: Sequence[int], kernel: Sequence[int]) -> list[int]:
@@ -83,7 +79,7 @@ class AvgPoolFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, kernel: list[int]) -> torch.Tensor:
         ctx.input_shape = list(x.shape)
         ctx.kernel = kernel
-        ctx.channels_last = len(kernel) == 2 and _channels_last_4d(x)
+        ctx.channels_last = len(kernel) == 2 and is_channels_last_4d(x)
         return torch.ops.lasnn.avg_pool_fwd(x, kernel)
 
     @staticmethod
@@ -92,7 +88,7 @@ class AvgPoolFunction(torch.autograd.Function):
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
-    return HAS_KERNEL and x.device.type == "cpu" and (x.is_contiguous() or _channels_last_4d(x))
+    return HAS_KERNEL and x.device.type == "cpu" and (x.is_contiguous() or is_channels_last_4d(x))
 
 
 def avg_pool(x: torch.Tensor, kernel_size: int | Sequence[int]) -> torch.Tensor:
