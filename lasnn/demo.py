@@ -40,7 +40,10 @@ class DemoRecipe:
     ``kd_temperature``, ``beta`` (None: the data set's default), ``final_attention``, ``per_step_loss`` (CE and
     KD on each step's logits, averaged over the steps): the distillation.
     ``sweep_samples``: the conversion sweeps (and the student accuracy they are matched against) use the
-    first that many test samples (None: all).
+    first that many test samples (None: all). ``sweep_until_match``: a sweep stops at the first power of two
+    ``H`` at which the conversion has reached the students' accuracy (its curve then ends at ``H < 2·T_match``;
+    its values and ``T_match`` are those of the full sweep) instead of running to ``T_max``; it keeps every
+    test sample's membranes at once, so it is off for the large data sets.
     """
 
     teacher_epochs: int
@@ -57,6 +60,7 @@ class DemoRecipe:
     final_attention: bool = True
     per_step_loss: bool = False
     sweep_samples: int | None = None
+    sweep_until_match: bool = True
 
     @property
     def label(self) -> str:
@@ -86,10 +90,18 @@ DEMO_RECIPES: dict[str, DemoRecipe] = {
                                sweep_samples=2000),
     "synthetic": DemoRecipe(2, 4, 64),
 }
-_DEFAULT_RECIPE = DemoRecipe(30, 30, 128, stage_epochs=None)  # cifar-scale data sets (meant for a GPU)
+# cifar-scale data sets (meant for a GPU): whole sweeps (keeping 10,000 test images' membranes at once would not fit)
+_DEFAULT_RECIPE = DemoRecipe(30, 30, 128, stage_epochs=None, sweep_until_match=False)
 
 EVAL_BATCH = 500
 DEMO_STATE = "demo.json"  # a demo's settings, written when it starts: what --resume continues
+# settings added after demos were first written, with the value an older demo.json implies
+_SETTINGS_BEFORE = {"full_sweeps": True}
+
+
+def _saved_settings(path: Path) -> dict[str, Any]:
+    """The settings of the demo whose ``demo.json`` is ``path`` (older files: the values they implied)."""
+    return {**_SETTINGS_BEFORE, **json.loads(path.read_text())}
 
 
 def _say(quiet: bool, *msg: Any) -> None:
@@ -136,6 +148,7 @@ def run_demo(
     jobs: int | None = None,
     quiet: bool = False,
     resume: bool = False,
+    full_sweeps: bool | None = None,
 ) -> dict[str, Any]:
     """The comparison in one call: teacher ANN; per seed, the LaSNN student and the directly trained student
     at ``T``; classic and robust conversions of the teacher swept over T = 1..T_max.
@@ -155,6 +168,10 @@ def run_demo(
             given): runs already finished are kept, interrupted ones resume from their last checkpoint (exactly,
             as ``--resume`` of a run does), finished conversion sweeps (``out/sweep_<recipe>.json``) are read
             back; the report's timings then cover this invocation only (``resumed``: true).
+        full_sweeps: sweep every conversion over all of T = 1..T_max; False: stop each once it has matched the
+            students (at the first power of two ``H >= T_match``; the values up to ``H``, the match and the ratio
+            are the full sweep's); None: the data set's ``DemoRecipe.sweep_until_match`` (on for the small built-in
+            data sets). The sweeps then start after every student has finished.
     Returns:
         the report written to ``out/report.json``: ``teacher``, ``student`` and ``direct`` (mean accuracy at
         ``T``, its standard deviation and per-seed values, firing rate, mean curve over T), ``gain_over_direct``
@@ -185,22 +202,27 @@ def run_demo(
             _check_int(name, v, 1)
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be a bool, got {type(resume).__name__}")
+    if full_sweeps is not None and not isinstance(full_sweeps, bool):
+        raise TypeError(f"full_sweeps must be None or a bool, got {type(full_sweeps).__name__}")
     out = Path(out)
     rec = DEMO_RECIPES.get(dataset, _DEFAULT_RECIPE)
     rec = dataclasses.replace(
         rec, teacher_epochs=teacher_epochs or rec.teacher_epochs, student_epochs=student_epochs or rec.student_epochs,
         stage_epochs=stage_epochs if stage_epochs is not None else rec.stage_epochs,
     )
+    if full_sweeps is None:
+        full_sweeps = not rec.sweep_until_match
     settings = {"dataset": dataset, "data_dir": None if data_dir is None else str(data_dir),
                 "teacher_epochs": rec.teacher_epochs, "student_epochs": rec.student_epochs,
-                "stage_epochs": rec.stage_epochs, "T": T, "T_max": T_max, "seed": seed, "seeds": seeds}
+                "stage_epochs": rec.stage_epochs, "T": T, "T_max": T_max, "seed": seed, "seeds": seeds,
+                "full_sweeps": full_sweeps}
     state = out / DEMO_STATE
     if resume:
         if (out / "report.json").exists():
             raise ValueError(f"--out {str(out)!r} holds a complete demo (report.json); nothing to resume")
         if not state.is_file():
             raise ValueError(f"--out {str(out)!r} holds no demo to resume ({DEMO_STATE} is missing)")
-        saved = json.loads(state.read_text())
+        saved = _saved_settings(state)
         diff = [f"{k}: the demo has {saved.get(k)!r}, got {v!r}" for k, v in settings.items() if saved.get(k) != v]
         if diff:
             raise ValueError(f"--resume continues the same demo; its settings differ: {'; '.join(diff)}")
@@ -250,8 +272,9 @@ def run_demo(
     sub_n = rec.sweep_samples if rec.sweep_samples is not None and rec.sweep_samples < ds.x_test.shape[0] else None
     recipes = {"classic": ("max", 0.0), "robust": ("robust", 0.5)}
 
-    # Every phase after the teacher depends only on it: the students and both sweeps run as jobs, `jobs` at a
-    # time, each in a worker process with its share of the threads (jobs=1: one after another, here).
+    # Every phase after the teacher depends only on it: the students, then both sweeps, run as jobs, `jobs` at a
+    # time, each in a worker process with its share of the threads (jobs=1: one after another, here). The sweeps
+    # wait for the students only when they stop at the students' accuracy.
     tasks: list[tuple[str, str, str, dict[str, Any]]] = []  # (phase key, progress line, job, kwargs)
     for i, (s, base) in enumerate(zip(run_seeds, folders, strict=True)):
         tasks.append(("student", f"[{2 + 2 * i}/{n_phases}] {rec.label} SNN at T={T} ({rec.schedule}), seed {s}: "
@@ -263,6 +286,7 @@ def run_demo(
                       {"out": base / "direct", "seed": s, "lr": rec.direct_lr, **common,
                        "resume": again(base / "direct")}))
     sweeps: dict[str, tuple[dict[int, float], float]] = {}
+    sweep_tasks: list[tuple[str, str, str, dict[str, Any]]] = []
     for i, (name, (method, membrane)) in enumerate(recipes.items()):
         saved_sweep = out / f"sweep_{name}.json"
         if resume and saved_sweep.is_file():
@@ -270,16 +294,17 @@ def run_demo(
             _say(quiet, f"[{2 + 2 * seeds + i}/{n_phases}] {name} conversion: finished before, read from "
                         f"{saved_sweep.name}")
             continue
-        tasks.append((f"conversion_{name}",
-                      f"[{2 + 2 * seeds + i}/{n_phases}] {name} conversion ({method} thresholds, membrane starting "
-                      f"at {membrane:g}·θ), T = 1..{T_max}" + (f" on the first {sub_n} test samples" if sub_n else ""),
-                      "sweep", {"teacher": out / "teacher", "dataset": dataset, "data_dir": data_dir,
-                                "samples": sub_n, "method": method, "initial_membrane": membrane, "T_max": T_max,
-                                "device": device, "save": saved_sweep}))
+        sweep_tasks.append((f"conversion_{name}",
+                            f"[{2 + 2 * seeds + i}/{n_phases}] {name} conversion ({method} thresholds, membrane "
+                            f"starting at {membrane:g}·θ), T = 1..{T_max}"
+                            + ("" if full_sweeps else " or until it matches the students")
+                            + (f" on the first {sub_n} test samples" if sub_n else ""),
+                            "sweep", {"teacher": out / "teacher", "dataset": dataset, "data_dir": data_dir,
+                                      "samples": sub_n, "method": method, "initial_membrane": membrane,
+                                      "T_max": T_max, "device": device, "save": saved_sweep}))
+    if full_sweeps:
+        tasks, sweep_tasks = tasks + sweep_tasks, []
     results, child_cpu = _run_jobs(tasks, jobs, quiet, timings, cpu)
-    for (key, _, _, _), result in zip(tasks, results, strict=True):
-        if key.startswith("conversion_"):
-            sweeps[key.removeprefix("conversion_")] = result
 
     test = ds.loader("test", EVAL_BATCH)
     sub = ds if sub_n is None else dataclasses.replace(ds, x_test=ds.x_test[:sub_n], y_test=ds.y_test[:sub_n])
@@ -312,6 +337,15 @@ def run_demo(
     g_mean, g_std = _mean_std(gains)
     g_se = g_std / math.sqrt(len(gains)) if g_std is not None else None
     student_target = sum(evals["student"]["sweep_acc"]) / seeds
+
+    if sweep_tasks:  # each stops once it matches the students (exactly the full sweep's values up to there)
+        for _, _, _, kw in sweep_tasks:
+            kw["stop_at"] = student_target
+        results_2, cpu_2 = _run_jobs(sweep_tasks, jobs, quiet, timings, cpu)
+        tasks, results, child_cpu = tasks + sweep_tasks, results + results_2, child_cpu + cpu_2
+    for (key, _, _, _), result in zip(tasks, results, strict=True):
+        if key.startswith("conversion_"):
+            sweeps[key.removeprefix("conversion_")] = result
 
     conversions: dict[str, Any] = {}
     curves = {f"{rec.label} ({names['student']})": {int(t): a for t, a in student["accuracy_by_T"].items()},
@@ -351,6 +385,8 @@ def run_demo(
         },
         "conversion": conversions,
         "conversion_test_samples": int(sub.x_test.shape[0]),
+        # "until_match": each sweep stopped at the first power of two at or after its match (its curve ends there)
+        "sweeps": "full" if full_sweeps else "until_match",
         "student_accuracy_on_conversion_samples": student_target,
         "T_max": T_max,
         "device": str(dev),
@@ -380,6 +416,9 @@ def run_demo(
                   f"({c['ratio']:g}x the student's T)" if m is not None else
                   f"{name:>8} conversion does not reach the student's accuracy by T={T_max} (ratio > "
                   f"{T_max / T:g}x)")
+        if not full_sweeps:
+            print("(each sweep stopped at the first power of two T at which it had matched the student; "
+                  "--full-sweeps runs both to T-max)")
         if sub is not ds:
             print(f"(conversion sweeps and the student accuracy they match: the first {sub.x_test.shape[0]} test "
                   f"samples, student {100 * student_target:.2f}% there)")
@@ -425,9 +464,10 @@ def _job(job: str, kwargs: dict[str, Any], threads: int | None) -> tuple[Any, fl
 
 def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | None, method: str,
            initial_membrane: float, T_max: int, device: str,
-           save: Path | None = None) -> tuple[dict[int, float], float]:
+           save: Path | None = None, stop_at: float | None = None) -> tuple[dict[int, float], float]:
     """Convert the teacher run's ANN and sweep T = 1..T_max over the first ``samples`` test samples (None: all);
-    ``save``: also write ``(curve, firing rate)`` there (atomically), for a resumed demo."""
+    ``stop_at``: stop once the curve reaches that accuracy (``accuracy_vs_timesteps``); ``save``: also write
+    ``(curve, firing rate)`` there (atomically), for a resumed demo."""
     from lasnn.convert.pipeline import _convert_curve, _device, _loaders
     from lasnn.data import load_dataset
     from lasnn.distill import load_run
@@ -439,7 +479,7 @@ def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | Non
     dev = _device(device)
     ann = load_run(teacher, which="last").model.to(dev).eval()
     _, curve, rate = _convert_curve(ann, calib, ds.loader("test", EVAL_BATCH), method=method, percentile=99.9,
-                                    initial_membrane=initial_membrane, T_max=T_max, device=dev)
+                                    initial_membrane=initial_membrane, T_max=T_max, device=dev, stop_at=stop_at)
     if save is not None:
         from lasnn.convert.report import write_json
 
@@ -535,7 +575,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if args.resume:
             state = Path(args.out) / DEMO_STATE
             if state.is_file():
-                kw.update({k: v for k, v in json.loads(state.read_text()).items() if k in _DEMO_DEFAULTS})
+                kw.update({k: v for k, v in _saved_settings(state).items() if k in _DEMO_DEFAULTS})
         if args.quick:  # the test suite's reduced mode: tiny data set, a couple of epochs, short sweep
             kw.update(teacher_epochs=6, student_epochs=6, stage_epochs=1)
         for k in _DEMO_DEFAULTS:
@@ -551,7 +591,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # settings of a demo (what --resume must keep) and their command-line defaults
 _DEMO_DEFAULTS: dict[str, Any] = {"dataset": "mnist1d", "data_dir": None, "teacher_epochs": None,
                                   "student_epochs": None, "stage_epochs": None, "T": 4, "T_max": 256, "seed": 0,
-                                  "seeds": 1}
+                                  "seeds": 1, "full_sweeps": None}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -586,6 +626,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=_positive_int, default=None,
                    help="train both students with this many seeds (one teacher) and report mean, spread and "
                         "whether the gain exceeds twice its standard error (default 1)")
+    p.add_argument("--full-sweeps", dest="full_sweeps", action="store_const", const=True, default=None,
+                   help="sweep both conversions over all of T = 1..T-max (default on the built-in data sets: stop "
+                        "each at the first power of two where it has matched the students; the match and the "
+                        "curve up to there are the same)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--jobs", type=_positive_int, default=None,
                    help="phases after the teacher run this many at a time, each in its own process (default: 2 "

@@ -206,6 +206,74 @@ def test_one_pass_curve_equals_separate_runs():
         torch.testing.assert_close(torch.cat(parts)[:40], full, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_curve_stops_once_it_reaches_stop_at_with_the_full_curves_values(chunk):
+    """stop_at: every batch advances through horizons 1, 2, 4, ...; the curve ends at the first horizon with a
+    T reaching the target, and its values are exactly the full curve's (batches of unequal size, state kept)."""
+    from lasnn.convert.report import t_to_match
+
+    net = _bn_net()
+    torch.manual_seed(3)
+    x = torch.randn(150, 1, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    y[::6] = (y[::6] + 1) % 10
+    snn = lasnn.convert(net, [x[:64]], method="max", initial_membrane=0.0)
+    loader = [(x[:64], y[:64]), (x[64:128], y[64:128]), (x[128:], y[128:])]
+    full = lasnn.accuracy_vs_timesteps(snn, loader, T_max=48, chunk=chunk)
+    levels = sorted(set(full.values()))
+    targets = [0.0, levels[len(levels) // 3], levels[2 * len(levels) // 3], max(full.values()), 1.0]
+    lengths = []
+    for target in targets:
+        part = lasnn.accuracy_vs_timesteps(snn, loader, T_max=48, chunk=chunk, stop_at=target)
+        m = t_to_match(full, target)
+        horizon = 48 if m is None else min(48, 1 << (m - 1).bit_length())
+        assert list(part) == list(range(1, horizon + 1)), target
+        assert part == {t: full[t] for t in part}, target
+        lengths.append(horizon)
+    assert lengths[0] == 1 and lengths[-1] == 48 and len(set(lengths)) >= 3  # the targets spread the horizons
+    assert not snn.neurons()[0]._streaming  # the streaming block ended
+
+
+def test_stream_state_snapshots_and_restores_membranes():
+    torch.manual_seed(0)
+    snn = spikify(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), T=3,
+                  neuron=lasnn.nn.LIF(tau=2.0, v_threshold=0.5))
+    a, b = torch.randn(5, 6), torch.randn(5, 6)
+    with torch.no_grad():
+        ref = snn(a.expand(6, 5, 6), return_steps=True)[3:]  # steps 3..5 of one 6-step run of a
+        with snn.streaming():
+            snn(a)
+            saved = snn.stream_state()
+            snn.reset_state()
+            snn(b)  # another sequence in between
+            snn(b)
+            snn.load_stream_state(saved)
+            out = snn(a, return_steps=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="needs a streaming"):
+        snn.stream_state()
+    with pytest.raises(RuntimeError, match="needs a streaming"):
+        snn.load_stream_state(saved)
+    with snn.streaming(), pytest.raises(ValueError, match="one per spiking site"):
+        snn.load_stream_state([saved[0], saved[0]])
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="stop_at must be None or an accuracy"):
+            lasnn.accuracy_vs_timesteps(snn, [(a, torch.zeros(5, dtype=torch.long))], T_max=4, stop_at=bad)
+
+    class Plain(nn.Module):  # streams (reset/simulate) but cannot save its state
+        def reset(self) -> None:
+            pass
+
+        def simulate(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+            return torch.zeros(steps, x.shape[0], 3)
+
+    loader = [(a, torch.zeros(5, dtype=torch.long))]
+    assert lasnn.accuracy_vs_timesteps(Plain(), loader, T_max=4, device="cpu") == {t: 1.0 for t in range(1, 5)}
+    with pytest.raises(TypeError, match="stream_state"):
+        lasnn.accuracy_vs_timesteps(Plain(), loader, T_max=4, device="cpu", stop_at=0.5)
+
+
 def test_curve_of_a_spikified_lif_snn():
     torch.manual_seed(0)
     ann = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12, 4))

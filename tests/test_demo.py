@@ -14,7 +14,8 @@ from lasnn.cli import main
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "d"
-    assert main(["demo", "--out", str(out), "--dataset", "synthetic", "--quick", "--T-max", "16", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--dataset", "synthetic", "--quick", "--T-max", "16", "--quiet",
+                 "--full-sweeps"]) == 0
     return out
 
 
@@ -54,6 +55,7 @@ def test_demo_report_fields_and_consistency(demo_dir):
         else:
             assert acc[m] >= st["accuracy"] and all(acc[t] < st["accuracy"] for t in range(1, m))
             assert c["ratio"] == m / 4
+    assert rep["sweeps"] == "full"
     assert rep["conversion"]["classic"]["initial_membrane"] == 0.0
     assert rep["conversion"]["robust"]["initial_membrane"] == 0.5
     assert rep["seconds"] > 0
@@ -153,6 +155,46 @@ def test_bad_arguments(demo_dir, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "c"), "--dataset", "cifar10", "--quick"]) == 2
     assert "cifar-10-batches-py" in capsys.readouterr().err  # names the files it expected
     assert not (tmp_path / "c").exists()
+
+
+def test_demo_sweeps_stop_once_matched_with_the_full_sweeps_values(tmp_path, capsys):
+    """By default a sweep stops at the first power of two at which it has matched the students: the same match,
+    ratio and curve values up to there as the full sweep of the same teacher (``--full-sweeps``)."""
+    import shutil
+
+    from lasnn import demo
+
+    kw = {"dataset": "synthetic", "teacher_epochs": 2, "student_epochs": 3, "stage_epochs": 1, "T_max": 16}
+    full = demo.run_demo(tmp_path / "full", jobs=1, quiet=True, full_sweeps=True, **kw)
+    assert full["sweeps"] == "full"
+    # the same teacher for the stopping demo (copied in, then resumed with its own settings)
+    (tmp_path / "stop").mkdir()
+    settings = json.loads((tmp_path / "full" / demo.DEMO_STATE).read_text())
+    assert settings["full_sweeps"] is True
+    (tmp_path / "stop" / demo.DEMO_STATE).write_text(json.dumps({**settings, "full_sweeps": False}))
+    shutil.copytree(tmp_path / "full" / "teacher", tmp_path / "stop" / "teacher")
+    stop = demo.run_demo(tmp_path / "stop", jobs=1, resume=True, **kw)  # None: the recipe's default, stopping
+    printed = capsys.readouterr().out
+    assert stop["sweeps"] == "until_match" and "or until it matches the students" in printed
+    assert stop["student"] == full["student"] and stop["direct"] == full["direct"]
+    stopped_early = 0
+    for name in ("classic", "robust"):
+        f, s = full["conversion"][name], stop["conversion"][name]
+        assert s["T_to_match_student"] == f["T_to_match_student"] and s["ratio"] == f["ratio"]
+        m = f["T_to_match_student"]
+        horizon = 16 if m is None else min(16, 1 << (m - 1).bit_length())  # first power of two >= m
+        assert list(s["accuracy_by_T"]) == [str(t) for t in range(1, horizon + 1)], name
+        assert s["accuracy_by_T"] == {t: f["accuracy_by_T"][t] for t in s["accuracy_by_T"]}, name
+        stopped_early += horizon < 16
+    assert stopped_early, "neither sweep matched before T_max: the test does not exercise stopping"
+    # a demo.json written before the setting existed resumes as what it was: full sweeps
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / demo.DEMO_STATE).write_text(json.dumps({k: v for k, v in settings.items()
+                                                                if k != "full_sweeps"}))
+    with pytest.raises(ValueError, match="full_sweeps: the demo has True, got False"):
+        demo.run_demo(tmp_path / "old", resume=True, full_sweeps=False, **kw)
+    with pytest.raises(TypeError, match="full_sweeps must be None or a bool"):
+        demo.run_demo(tmp_path / "bad", full_sweeps="yes", **kw)
 
 
 def test_demo_jobs_in_worker_processes_give_the_same_report(tmp_path, capsys):

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lasnn.convert.report import t_to_match
+
 __all__ = ["accuracy_vs_timesteps", "stepper"]
 
 
@@ -65,12 +67,16 @@ def _auto_chunk(x: torch.Tensor) -> int:
     return max(1, min(_MAX_CHUNK, _CPU_CHUNK_SAMPLES // x.shape[0]))
 
 
-def _correct_by_step(simulate: Callable, x: torch.Tensor, y: torch.Tensor, T_max: int, chunk: int) -> torch.Tensor:
-    """``[T_max]`` int64: correct predictions of this batch after 1..T_max steps."""
-    correct = torch.zeros(T_max, dtype=torch.int64)
-    acc_logits = None
-    for start in range(0, T_max, chunk):
-        steps = min(chunk, T_max - start)
+def _correct_by_step(
+    simulate: Callable, x: torch.Tensor, y: torch.Tensor, start: int, stop: int, chunk: int,
+    acc_logits: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steps ``start..stop-1`` of this batch (the SNN continues from its step ``start``): correct predictions
+    after ``start+1..stop`` steps (``[stop - start]`` int64) and the running float64 logit sum after step ``stop``
+    (``acc_logits``: the sum after step ``start``, None at step 0)."""
+    correct = torch.zeros(stop - start, dtype=torch.int64)
+    for t0 in range(start, stop, chunk):
+        steps = min(chunk, stop - t0)
         out = simulate(x, steps)  # [steps, B, classes]
         if out.dim() != 3 or out.shape[0] != steps or out.shape[1] != x.shape[0]:
             raise RuntimeError(
@@ -81,9 +87,20 @@ def _correct_by_step(simulate: Callable, x: torch.Tensor, y: torch.Tensor, T_max
         cum = out.double().cumsum(0)
         if acc_logits is not None:
             cum += acc_logits
-        correct[start : start + steps] = (cum.argmax(-1) == y.unsqueeze(0)).sum(1).cpu()
+        correct[t0 - start : t0 - start + steps] = (cum.argmax(-1) == y.unsqueeze(0)).sum(1).cpu()
         acc_logits = cum[-1]
-    return correct
+    return correct, acc_logits
+
+
+def _state_access(snn: nn.Module) -> tuple[Callable[[], Any], Callable[[Any], None]]:
+    """``(save, load)`` of the carried membranes of a streaming SNN (``stop_at`` advances batches in turns)."""
+    save, load = getattr(snn, "stream_state", None), getattr(snn, "load_stream_state", None)
+    if not (callable(save) and callable(load)):
+        raise TypeError(
+            f"stop_at needs an SNN whose carried state can be saved and restored: a lasnn.spikify SNN or a module "
+            f"with stream_state() and load_stream_state(state); {type(snn).__name__} has not (use stop_at=None)"
+        )
+    return save, load
 
 
 @torch.no_grad()
@@ -94,6 +111,7 @@ def accuracy_vs_timesteps(
     *,
     chunk: int | None = None,
     device: torch.device | str | None = None,
+    stop_at: float | None = None,
 ) -> dict[int, float]:
     """Top-1 accuracy after every number of time steps ``T = 1..T_max``, from ONE simulation of ``T_max`` steps.
 
@@ -102,9 +120,17 @@ def accuracy_vs_timesteps(
     ``T`` steps is the argmax of the sum of the first ``T`` (the same as of their mean, which is what a
     separate ``T``-step run outputs). So the whole curve costs one ``T_max``-step run.
 
+    With ``stop_at`` the simulation stops early, once the curve has reached that accuracy: all batches advance
+    together through horizons 1, 2, 4, 8, ... (each batch's membranes and logit sums are kept between
+    horizons), and after the first horizon ``H`` at which some ``T <= H`` has accuracy ``>= stop_at`` the curve
+    ``T = 1..H`` is returned (``H < 2·T_match``; ``T_max`` if never reached). Those values are exactly the full
+    curve's; the cost is ``H`` steps instead of ``T_max``. It holds every batch's state at once: the loader's
+    batches, plus one ANN forward's activations per sample.
+
     Args:
         snn: a ``lasnn.spikify`` SNN (``lasnn.convert``'s ``ConvertedSNN``, a distilled student) or a module
-            with ``reset()`` and ``simulate(x, steps)`` (see ``stepper``).
+            with ``reset()`` and ``simulate(x, steps)`` (see ``stepper``; for ``stop_at`` also
+            ``stream_state()`` and ``load_stream_state(state)``).
         loader: iterable of ``(x [B, *], y [B])`` batches (integer class labels).
         T_max: the longest latency, an int >= 1.
         chunk: steps simulated per call (memory ~ chunk × one ANN forward of the batch); does not change the
@@ -113,33 +139,60 @@ def accuracy_vs_timesteps(
             batch costs, while 32 steps of a 500-sample batch run 3-4x slower than 32 separate steps
             (their tensors leave the caches and are mapped afresh each time).
         device: where to run (default: the SNN's parameters' device).
+        stop_at: None (the whole curve) or an accuracy in [0, 1] after which the sweep may stop (above).
     Returns:
-        ``{T: accuracy in [0, 1]}`` for every ``T`` from 1 to ``T_max``.
+        ``{T: accuracy in [0, 1]}`` for every ``T`` from 1 to ``T_max`` (to the stopping horizon with ``stop_at``).
     """
     if isinstance(T_max, bool) or not isinstance(T_max, int) or T_max < 1:
         raise ValueError(f"T_max must be an int >= 1, got {T_max!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
+    if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, (int, float))
+                                or not 0.0 <= stop_at <= 1.0):
+        raise ValueError(f"stop_at must be None or an accuracy in [0, 1], got {stop_at!r}")
     if device is None:
         p = next(iter(snn.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
+    if stop_at is not None:
+        save, load = _state_access(snn)
     was_training = snn.training
     snn.eval()
     correct = torch.zeros(T_max, dtype=torch.int64)
     total = 0
     try:
         with stepper(snn) as (reset, simulate):
-            for batch in loader:
-                x, y = _batch_xy(batch)
-                if x.shape[0] == 0:
-                    continue
-                x, y = x.to(device), y.to(device)
-                reset()
-                correct += _correct_by_step(simulate, x, y, T_max, chunk or _auto_chunk(x))
-                total += x.shape[0]
-                reset()
+            if stop_at is None:
+                for batch in loader:
+                    x, y = _batch_xy(batch)
+                    if x.shape[0] == 0:
+                        continue
+                    x, y = x.to(device), y.to(device)
+                    reset()
+                    correct += _correct_by_step(simulate, x, y, 0, T_max, chunk or _auto_chunk(x), None)[0]
+                    total += x.shape[0]
+                    reset()
+                horizon = T_max
+            else:
+                batches = [(x.to(device), y.to(device)) for x, y in map(_batch_xy, loader) if x.shape[0] > 0]
+                total = sum(x.shape[0] for x, _ in batches)
+                states: list[Any] = [None] * len(batches)
+                sums: list[torch.Tensor | None] = [None] * len(batches)
+                done, horizon = 0, 1
+                while total:
+                    for i, (x, y) in enumerate(batches):
+                        reset()
+                        if states[i] is not None:
+                            load(states[i])
+                        c, sums[i] = _correct_by_step(simulate, x, y, done, horizon, chunk or _auto_chunk(x), sums[i])
+                        correct[done:horizon] += c
+                        states[i] = save()
+                    reset()
+                    reached = t_to_match({t + 1: float(correct[t]) / total for t in range(horizon)}, stop_at)
+                    if horizon == T_max or reached is not None:
+                        break
+                    done, horizon = horizon, min(2 * horizon, T_max)
     finally:
         snn.train(was_training)
     if total == 0:
         raise ValueError("loader yielded no (non-empty) batches: nothing to evaluate")
-    return {t + 1: float(correct[t]) / total for t in range(T_max)}
+    return {t + 1: float(correct[t]) / total for t in range(horizon)}

@@ -118,11 +118,11 @@ def _loaders(ds, batch_size: int):
     return calib, test
 
 
-def _convert_curve(ann, calib, test, *, method, percentile, initial_membrane, T_max, device):
+def _convert_curve(ann, calib, test, *, method, percentile, initial_membrane, T_max, device, stop_at=None):
     snn = convert(ann, calib, method=method, percentile=percentile, initial_membrane=initial_membrane,
                   max_batches=CALIB_BATCHES).to(device)
     snn.reset_counts()
-    curve = accuracy_vs_timesteps(snn, test, T_max=T_max)
+    curve = accuracy_vs_timesteps(snn, test, T_max=T_max, stop_at=stop_at)  # rate: over the steps simulated
     rate = snn.firing_rate()
     return snn, curve, rate
 

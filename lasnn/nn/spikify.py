@@ -494,6 +494,41 @@ class SNN(nn.Module):
         for n in self.neurons():
             n._states, n._call = [], 0
 
+    def stream_state(self) -> list[list[torch.Tensor]]:
+        """Inside :meth:`streaming`: the carried membranes, to continue this sequence later.
+
+        Returns one list per spiking site (module order) of its membranes ``[B, ...]``, one per call site
+        (empty before the first call). The tensors are not copied: the SNN replaces, never overwrites, a
+        carried membrane, so the snapshot stays valid while other sequences run. Several sequences (say,
+        batches of a test set) can thus be advanced in turns: ``load_stream_state(s)``, run, ``s =
+        stream_state()``.
+
+        Raises:
+            RuntimeError outside a :meth:`streaming` block.
+        """
+        neurons = self.neurons()
+        if not all(n._streaming for n in neurons):
+            raise RuntimeError("stream_state() needs a streaming() block: outside it no membrane is carried")
+        return [list(n._states) for n in neurons]
+
+    def load_stream_state(self, state: list[list[torch.Tensor]]) -> None:
+        """Inside :meth:`streaming`: continue from ``state``, a :meth:`stream_state` snapshot of this SNN.
+
+        Raises:
+            RuntimeError outside a :meth:`streaming` block; ValueError when ``state`` does not have one list of
+            tensors per spiking site.
+        """
+        neurons = self.neurons()
+        if not all(n._streaming for n in neurons):
+            raise RuntimeError("load_stream_state() needs a streaming() block: outside it no membrane is carried")
+        if not isinstance(state, (list, tuple)) or len(state) != len(neurons) or not all(
+                isinstance(s, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in s) for s in state):
+            raise ValueError(f"state must be a stream_state() snapshot of this SNN: {len(neurons)} lists of "
+                             f"membrane tensors, one per spiking site; got {type(state).__name__} of "
+                             f"{len(state) if isinstance(state, (list, tuple)) else '?'} entries")
+        for n, s in zip(neurons, state, strict=True):
+            n._states, n._call = list(s), 0
+
     def extra_repr(self) -> str:
         return f"T={self.T}, input_dims={self.input_dims}"
 
