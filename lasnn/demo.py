@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,7 @@ _DEFAULT_RECIPE = DemoRecipe(30, 30, 128, stage_epochs=None, sweep_until_match=F
 
 EVAL_BATCH = 500
 DEMO_STATE = "demo.json"  # a demo's settings, written when it starts: what --resume continues
+TARGET_FILE = "sweep_target.json"  # the distilled students' accuracy the sweeps stop at, once measured
 # settings added after demos were first written, with the value an older demo.json implies
 _SETTINGS_BEFORE = {"full_sweeps": True}
 
@@ -171,7 +172,7 @@ def run_demo(
         full_sweeps: sweep every conversion over all of T = 1..T_max; False: stop each once it has matched the
             students (at the first power of two ``H >= T_match``; the values up to ``H``, the match and the ratio
             are the full sweep's); None: the data set's ``DemoRecipe.sweep_until_match`` (on for the small built-in
-            data sets). The sweeps then start after every student has finished.
+            data sets). A stopping sweep may start beside the students; it goes on until they are measured.
     Returns:
         the report written to ``out/report.json``: ``teacher``, ``student`` and ``direct`` (mean accuracy at
         ``T``, its standard deviation and per-seed values, firing rate, mean curve over T), ``gain_over_direct``
@@ -182,8 +183,7 @@ def run_demo(
         ValueError for bad arguments, an existing demo in ``out`` (without ``resume``), or with ``resume`` a
         complete demo, no demo, or other settings; DatasetError for missing data.
     """
-    from lasnn.convert.latency import accuracy_vs_timesteps
-    from lasnn.convert.pipeline import _device, ann_accuracy, snn_firing_rate
+    from lasnn.convert.pipeline import _device, ann_accuracy
     from lasnn.convert.report import curve_to_json, format_table, plot_latency, t_to_match, write_json
     from lasnn.data import load_dataset
     from lasnn.distill import load_run, train_teacher
@@ -273,20 +273,25 @@ def run_demo(
     recipes = {"classic": ("max", 0.0), "robust": ("robust", 0.5)}
 
     # Every phase after the teacher depends only on it: the students, then both sweeps, run as jobs, `jobs` at a
-    # time, each in a worker process with its share of the threads (jobs=1: one after another, here). The sweeps
-    # wait for the students only when they stop at the students' accuracy.
+    # time, each in a worker process with its share of the threads (jobs=1: one after another, here). Each student
+    # job also measures its student (last epoch); a sweep that stops at the students' accuracy may start before
+    # they finish: it reads the target from TARGET_FILE, written once every distilled student has been measured.
+    t_curve = min(T_max, 4 * T)
+    target_file = out / TARGET_FILE
+    target_file.unlink(missing_ok=True)  # a resumed demo measures its students again
+    measure = {"dataset": dataset, "data_dir": data_dir, "T": T, "t_curve": t_curve, "samples": sub_n,
+               "device": device}
     tasks: list[tuple[str, str, str, dict[str, Any]]] = []  # (phase key, progress line, job, kwargs)
     for i, (s, base) in enumerate(zip(run_seeds, folders, strict=True)):
         tasks.append(("student", f"[{2 + 2 * i}/{n_phases}] {rec.label} SNN at T={T} ({rec.schedule}), seed {s}: "
                                  f"{rec.student_epochs} epochs", "distill",
                       {"out": base / "student", "teacher": str(out / "teacher"), "seed": s, "lr": rec.lr, **kd,
-                       **common, "resume": again(base / "student")}))
+                       **common, "resume": again(base / "student"), "measure": measure}))
         tasks.append(("direct", f"[{3 + 2 * i}/{n_phases}] the same student trained directly (no teacher), seed {s}: "
                                 f"{rec.student_epochs} epochs", "train_snn",
                       {"out": base / "direct", "seed": s, "lr": rec.direct_lr, **common,
-                       "resume": again(base / "direct")}))
+                       "resume": again(base / "direct"), "measure": measure}))
     sweeps: dict[str, tuple[dict[int, float], float]] = {}
-    sweep_tasks: list[tuple[str, str, str, dict[str, Any]]] = []
     for i, (name, (method, membrane)) in enumerate(recipes.items()):
         saved_sweep = out / f"sweep_{name}.json"
         if resume and saved_sweep.is_file():
@@ -294,58 +299,56 @@ def run_demo(
             _say(quiet, f"[{2 + 2 * seeds + i}/{n_phases}] {name} conversion: finished before, read from "
                         f"{saved_sweep.name}")
             continue
-        sweep_tasks.append((f"conversion_{name}",
-                            f"[{2 + 2 * seeds + i}/{n_phases}] {name} conversion ({method} thresholds, membrane "
-                            f"starting at {membrane:g}·θ), T = 1..{T_max}"
-                            + ("" if full_sweeps else " or until it matches the students")
-                            + (f" on the first {sub_n} test samples" if sub_n else ""),
-                            "sweep", {"teacher": out / "teacher", "dataset": dataset, "data_dir": data_dir,
-                                      "samples": sub_n, "method": method, "initial_membrane": membrane,
-                                      "T_max": T_max, "device": device, "save": saved_sweep}))
-    if full_sweeps:
-        tasks, sweep_tasks = tasks + sweep_tasks, []
-    results, child_cpu = _run_jobs(tasks, jobs, quiet, timings, cpu)
+        tasks.append((f"conversion_{name}",
+                      f"[{2 + 2 * seeds + i}/{n_phases}] {name} conversion ({method} thresholds, membrane starting "
+                      f"at {membrane:g}·θ), T = 1..{T_max}"
+                      + ("" if full_sweeps else " or until it matches the student")
+                      + (f" on the first {sub_n} test samples" if sub_n else ""),
+                      "sweep", {"teacher": out / "teacher", "dataset": dataset, "data_dir": data_dir,
+                                "samples": sub_n, "method": method, "initial_membrane": membrane, "T_max": T_max,
+                                "device": device, "save": saved_sweep,
+                                "target_file": None if full_sweeps else target_file}))
+    n_students = sum(key == "student" for key, _, _, _ in tasks)
+    measured: dict[int, float] = {}
+
+    def on_done(i: int, result: Any) -> None:  # once every distilled student is measured: the sweeps' target
+        if tasks[i][0] == "student":
+            measured[i] = result["sweep_acc"]
+            if len(measured) == n_students:
+                write_json(target_file, {"student_accuracy_on_conversion_samples": sum(measured.values()) / seeds})
+
+    results, child_cpu = _run_jobs(tasks, jobs, quiet, timings, cpu, on_done)
+    evals: dict[str, dict[str, list]] = {k: {"acc": [], "curve": [], "rate": [], "sweep_acc": []}
+                                         for k in ("student", "direct")}
+    names = {}
+    for (key, _, _, _), result in zip(tasks, results, strict=True):
+        if key.startswith("conversion_"):
+            sweeps[key.removeprefix("conversion_")] = result
+        else:  # the student runs, in task order: seed by seed
+            names[key] = result["model"]
+            if key == "student":
+                beta = result["beta"]  # the value the run resolved (None in the recipe: the data set's default)
+            e = evals[key]
+            e["acc"].append(result["curve"][T])
+            e["curve"].append(result["curve"])
+            e["rate"].append(result["rate"])
+            e["sweep_acc"].append(result["sweep_acc"])
 
     test = ds.loader("test", EVAL_BATCH)
     sub = ds if sub_n is None else dataclasses.replace(ds, x_test=ds.x_test[:sub_n], y_test=ds.y_test[:sub_n])
-    sweep_test = sub.loader("test", EVAL_BATCH)
     # Last epochs throughout: no model is selected on the test set it is then measured on.
     trun = load_run(out / "teacher", which="last")
     teacher = trun.model.to(dev).eval()
     teacher_acc = ann_accuracy(teacher, test, dev)
-    t_curve = min(T_max, 4 * T)
-    evals: dict[str, dict[str, list]] = {k: {"acc": [], "curve": [], "rate": [], "sweep_acc": []}
-                                         for k in ("student", "direct")}
-    names = {}
-    for base in folders:
-        for kind in ("student", "direct"):
-            run = load_run(base / kind, which="last")
-            names[kind] = run.config.student
-            if kind == "student":
-                beta = run.config.beta  # the value the run resolved (None in the recipe: the data set's default)
-            model = run.model.to(dev).eval()
-            curve = accuracy_vs_timesteps(model, test, T_max=t_curve)
-            e = evals[kind]
-            e["acc"].append(curve[T])
-            e["curve"].append(curve)
-            e["rate"].append(snn_firing_rate(model, test, dev))
-            e["sweep_acc"].append(
-                curve[T] if sub is ds else accuracy_vs_timesteps(model, sweep_test, T_max=T)[T])
     student = _summary(evals["student"]["acc"], evals["student"]["curve"], evals["student"]["rate"])
     direct = _summary(evals["direct"]["acc"], evals["direct"]["curve"], evals["direct"]["rate"])
     gains = [100 * (a - b) for a, b in zip(evals["student"]["acc"], evals["direct"]["acc"], strict=True)]
     g_mean, g_std = _mean_std(gains)
     g_se = g_std / math.sqrt(len(gains)) if g_std is not None else None
     student_target = sum(evals["student"]["sweep_acc"]) / seeds
-
-    if sweep_tasks:  # each stops once it matches the students (exactly the full sweep's values up to there)
-        for _, _, _, kw in sweep_tasks:
-            kw["stop_at"] = student_target
-        results_2, cpu_2 = _run_jobs(sweep_tasks, jobs, quiet, timings, cpu)
-        tasks, results, child_cpu = tasks + sweep_tasks, results + results_2, child_cpu + cpu_2
-    for (key, _, _, _), result in zip(tasks, results, strict=True):
-        if key.startswith("conversion_"):
-            sweeps[key.removeprefix("conversion_")] = result
+    if not full_sweeps:  # a sweep may have run past its stopping horizon (before the target was known): cut there
+        for name, (curve, rate) in sweeps.items():
+            sweeps[name] = (_until_match(curve, student_target, T_max), rate)
 
     conversions: dict[str, Any] = {}
     curves = {f"{rec.label} ({names['student']})": {int(t): a for t, a in student["accuracy_by_T"].items()},
@@ -451,10 +454,11 @@ def _job(job: str, kwargs: dict[str, Any], threads: int | None) -> tuple[Any, fl
         torch.set_num_threads(threads)
     t, c = time.perf_counter(), time.process_time()
     result: Any = None
-    if job == "distill":
-        distill(**kwargs)
-    elif job == "train_snn":
-        train_snn(**kwargs)
+    if job in ("distill", "train_snn"):
+        measure = kwargs.pop("measure", None)
+        (distill if job == "distill" else train_snn)(**kwargs)
+        if measure is not None:
+            result = _measure_student(kwargs["out"], **measure)
     elif job == "sweep":
         result = _sweep(**kwargs)
     else:
@@ -462,11 +466,48 @@ def _job(job: str, kwargs: dict[str, Any], threads: int | None) -> tuple[Any, fl
     return result, time.perf_counter() - t, time.process_time() - c
 
 
+def _measure_student(run: Path, dataset: str, data_dir: str | None, T: int, t_curve: int, samples: int | None,
+                     device: str) -> dict[str, Any]:
+    """A student run's last-epoch model on the test set: ``curve`` (T = 1..t_curve), firing ``rate`` at ``T``,
+    ``sweep_acc`` (accuracy at ``T`` on the first ``samples`` test samples, the ones the sweeps use; None: all),
+    ``model`` (its zoo name) and ``beta`` (as the run resolved it)."""
+    from lasnn.convert.latency import accuracy_vs_timesteps
+    from lasnn.convert.pipeline import _device, snn_firing_rate
+    from lasnn.data import load_dataset
+    from lasnn.distill import load_run
+
+    ds = load_dataset(dataset, data_dir)
+    dev = _device(device)
+    r = load_run(run, which="last")
+    model = r.model.to(dev).eval()
+    test = ds.loader("test", EVAL_BATCH)
+    curve = accuracy_vs_timesteps(model, test, T_max=t_curve)
+    if samples is None:
+        sweep_acc = curve[T]
+    else:
+        sub = dataclasses.replace(ds, x_test=ds.x_test[:samples], y_test=ds.y_test[:samples])
+        sweep_acc = accuracy_vs_timesteps(model, sub.loader("test", EVAL_BATCH), T_max=T)[T]
+    return {"curve": curve, "rate": snn_firing_rate(model, test, dev), "sweep_acc": sweep_acc,
+            "model": r.config.student, "beta": getattr(r.config, "beta", None)}
+
+
+def _until_match(curve: dict[int, float], target: float, T_max: int) -> dict[int, float]:
+    """``curve`` up to the first power of two at or after its match with ``target`` (all of it without a match)."""
+    from lasnn.convert.report import t_to_match
+
+    m = t_to_match(curve, target)
+    if m is None:
+        return curve
+    horizon = min(T_max, 1 << (m - 1).bit_length())
+    return {t: a for t, a in curve.items() if t <= horizon}
+
+
 def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | None, method: str,
            initial_membrane: float, T_max: int, device: str,
-           save: Path | None = None, stop_at: float | None = None) -> tuple[dict[int, float], float]:
+           save: Path | None = None, target_file: Path | None = None) -> tuple[dict[int, float], float]:
     """Convert the teacher run's ANN and sweep T = 1..T_max over the first ``samples`` test samples (None: all);
-    ``stop_at``: stop once the curve reaches that accuracy (``accuracy_vs_timesteps``); ``save``: also write
+    ``target_file``: stop once the curve reaches the accuracy in that JSON file (asked at every horizon of
+    ``accuracy_vs_timesteps``; the sweep goes on while the file does not exist yet); ``save``: also write
     ``(curve, firing rate)`` there (atomically), for a resumed demo."""
     from lasnn.convert.pipeline import _convert_curve, _device, _loaders
     from lasnn.data import load_dataset
@@ -478,6 +519,14 @@ def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | Non
         ds = dataclasses.replace(ds, x_test=ds.x_test[:samples], y_test=ds.y_test[:samples])
     dev = _device(device)
     ann = load_run(teacher, which="last").model.to(dev).eval()
+    stop_at = None
+    if target_file is not None:
+        def stop_at() -> float | None:
+            try:
+                return float(json.loads(target_file.read_text())["student_accuracy_on_conversion_samples"])
+            except FileNotFoundError:
+                return None
+
     _, curve, rate = _convert_curve(ann, calib, ds.loader("test", EVAL_BATCH), method=method, percentile=99.9,
                                     initial_membrane=initial_membrane, T_max=T_max, device=dev, stop_at=stop_at)
     if save is not None:
@@ -494,10 +543,12 @@ def _read_sweep(path: Path) -> tuple[dict[int, float], float]:
 
 
 def _run_jobs(tasks: list[tuple[str, str, str, dict[str, Any]]], jobs: int, quiet: bool,
-              timings: dict[str, float], cpu: dict[str, float]) -> tuple[list[Any], float]:
-    """Run ``(phase key, progress line, job, kwargs)`` tasks, ``jobs`` at a time; add each one's wall and CPU
-    seconds to ``timings``/``cpu`` under its key. Returns the results in task order and the CPU seconds spent
-    in worker processes (0 for jobs=1: everything ran here)."""
+              timings: dict[str, float], cpu: dict[str, float],
+              on_done: Callable[[int, Any], None] | None = None) -> tuple[list[Any], float]:
+    """Run ``(phase key, progress line, job, kwargs)`` tasks, ``jobs`` at a time (started in task order); add each
+    one's wall and CPU seconds to ``timings``/``cpu`` under its key; ``on_done(index, result)`` (in this process)
+    as each finishes. Returns the results in task order and the CPU seconds spent in worker processes (0 for
+    jobs=1: everything ran here)."""
     results: list[Any] = [None] * len(tasks)
 
     def book(key: str, wall: float, c: float) -> None:
@@ -509,6 +560,8 @@ def _run_jobs(tasks: list[tuple[str, str, str, dict[str, Any]]], jobs: int, quie
             _say(quiet, line)
             results[i], wall, c = _job(job, kw, None)
             book(key, wall, c)
+            if on_done is not None:
+                on_done(i, results[i])
         return results, 0.0
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -528,6 +581,8 @@ def _run_jobs(tasks: list[tuple[str, str, str, dict[str, Any]]], jobs: int, quie
             book(key, wall, c)
             child_cpu += c
             _say(quiet, f"{line}: done in {wall:.0f} s")
+            if on_done is not None:
+                on_done(i, results[i])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return results, child_cpu

@@ -232,6 +232,17 @@ def test_curve_stops_once_it_reaches_stop_at_with_the_full_curves_values(chunk):
         assert part == {t: full[t] for t in part}, target
         lengths.append(horizon)
     assert lengths[0] == 1 and lengths[-1] == 48 and len(set(lengths)) >= 3  # the targets spread the horizons
+    # a target known only from the 4th horizon on (a function returning None before): the sweep goes on until then
+    asked = []
+
+    def late() -> float | None:
+        asked.append(len(asked))
+        return 0.0 if len(asked) >= 4 else None
+
+    part = lasnn.accuracy_vs_timesteps(snn, loader, T_max=48, chunk=chunk, stop_at=late)
+    assert list(part) == list(range(1, 9)) and part == {t: full[t] for t in part} and len(asked) == 4
+    with pytest.raises(ValueError, match="stop_at must be None, an accuracy in"):
+        lasnn.accuracy_vs_timesteps(snn, loader, T_max=48, stop_at=lambda: 2.0)
     assert not snn.neurons()[0]._streaming  # the streaming block ended
 
 
@@ -258,7 +269,7 @@ def test_stream_state_snapshots_and_restores_membranes():
     with snn.streaming(), pytest.raises(ValueError, match="one per spiking site"):
         snn.load_stream_state([saved[0], saved[0]])
     for bad in (-0.1, 1.5, True, "0.5"):
-        with pytest.raises(ValueError, match="stop_at must be None or an accuracy"):
+        with pytest.raises(ValueError, match="stop_at must be None, an accuracy in"):
             lasnn.accuracy_vs_timesteps(snn, [(a, torch.zeros(5, dtype=torch.long))], T_max=4, stop_at=bad)
 
     class Plain(nn.Module):  # streams (reset/simulate) but cannot save its state

@@ -175,7 +175,7 @@ def test_demo_sweeps_stop_once_matched_with_the_full_sweeps_values(tmp_path, cap
     shutil.copytree(tmp_path / "full" / "teacher", tmp_path / "stop" / "teacher")
     stop = demo.run_demo(tmp_path / "stop", jobs=1, resume=True, **kw)  # None: the recipe's default, stopping
     printed = capsys.readouterr().out
-    assert stop["sweeps"] == "until_match" and "or until it matches the students" in printed
+    assert stop["sweeps"] == "until_match" and "or until it matches the student" in printed
     assert stop["student"] == full["student"] and stop["direct"] == full["direct"]
     stopped_early = 0
     for name in ("classic", "robust"):
@@ -187,6 +187,9 @@ def test_demo_sweeps_stop_once_matched_with_the_full_sweeps_values(tmp_path, cap
         assert s["accuracy_by_T"] == {t: f["accuracy_by_T"][t] for t in s["accuracy_by_T"]}, name
         stopped_early += horizon < 16
     assert stopped_early, "neither sweep matched before T_max: the test does not exercise stopping"
+    # the target the sweeps read, written once the distilled student was measured: what the report matches against
+    target = json.loads((tmp_path / "stop" / demo.TARGET_FILE).read_text())
+    assert target == {"student_accuracy_on_conversion_samples": stop["student_accuracy_on_conversion_samples"]}
     # a demo.json written before the setting existed resumes as what it was: full sweeps
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / demo.DEMO_STATE).write_text(json.dumps({k: v for k, v in settings.items()

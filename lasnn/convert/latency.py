@@ -103,6 +103,13 @@ def _state_access(snn: nn.Module) -> tuple[Callable[[], Any], Callable[[Any], No
     return save, load
 
 
+def _check_accuracy(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"stop_at must be None, an accuracy in [0, 1] or a function returning one (or None), "
+                         f"got {v!r}")
+    return float(v)
+
+
 @torch.no_grad()
 def accuracy_vs_timesteps(
     snn: nn.Module,
@@ -111,7 +118,7 @@ def accuracy_vs_timesteps(
     *,
     chunk: int | None = None,
     device: torch.device | str | None = None,
-    stop_at: float | None = None,
+    stop_at: float | Callable[[], float | None] | None = None,
 ) -> dict[int, float]:
     """Top-1 accuracy after every number of time steps ``T = 1..T_max``, from ONE simulation of ``T_max`` steps.
 
@@ -125,7 +132,9 @@ def accuracy_vs_timesteps(
     horizons), and after the first horizon ``H`` at which some ``T <= H`` has accuracy ``>= stop_at`` the curve
     ``T = 1..H`` is returned (``H < 2·T_match``; ``T_max`` if never reached). Those values are exactly the full
     curve's; the cost is ``H`` steps instead of ``T_max``. It holds every batch's state at once: the loader's
-    batches, plus one ANN forward's activations per sample.
+    batches, plus one ANN forward's activations per sample. ``stop_at`` may also be a function, asked at every
+    horizon, returning the target or None while it is not known yet (the sweep then goes on): a sweep can start
+    before what it is matched against has been measured (``lasnn demo`` runs it beside the students).
 
     Args:
         snn: a ``lasnn.spikify`` SNN (``lasnn.convert``'s ``ConvertedSNN``, a distilled student) or a module
@@ -139,7 +148,8 @@ def accuracy_vs_timesteps(
             batch costs, while 32 steps of a 500-sample batch run 3-4x slower than 32 separate steps
             (their tensors leave the caches and are mapped afresh each time).
         device: where to run (default: the SNN's parameters' device).
-        stop_at: None (the whole curve) or an accuracy in [0, 1] after which the sweep may stop (above).
+        stop_at: None (the whole curve), an accuracy in [0, 1] after which the sweep may stop (above), or a
+            function returning such an accuracy or None (not known yet).
     Returns:
         ``{T: accuracy in [0, 1]}`` for every ``T`` from 1 to ``T_max`` (to the stopping horizon with ``stop_at``).
     """
@@ -147,9 +157,8 @@ def accuracy_vs_timesteps(
         raise ValueError(f"T_max must be an int >= 1, got {T_max!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
-    if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, (int, float))
-                                or not 0.0 <= stop_at <= 1.0):
-        raise ValueError(f"stop_at must be None or an accuracy in [0, 1], got {stop_at!r}")
+    if stop_at is not None and not callable(stop_at):
+        _check_accuracy(stop_at)
     if device is None:
         p = next(iter(snn.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -187,8 +196,11 @@ def accuracy_vs_timesteps(
                         correct[done:horizon] += c
                         states[i] = save()
                     reset()
-                    reached = t_to_match({t + 1: float(correct[t]) / total for t in range(horizon)}, stop_at)
-                    if horizon == T_max or reached is not None:
+                    if horizon == T_max:
+                        break
+                    target = stop_at() if callable(stop_at) else stop_at
+                    if target is not None and t_to_match({t + 1: float(correct[t]) / total for t in range(horizon)},
+                                                         _check_accuracy(target)) is not None:
                         break
                     done, horizon = horizon, min(2 * horizon, T_max)
     finally:
