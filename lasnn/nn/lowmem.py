@@ -60,47 +60,91 @@ class _Packed:
         return t if self.perm is None else t.permute(inverse_permutation(self.perm))
 
 
-class _BNOutput:
-    """What a saved batch-norm output is recomputed from: ``F.batch_norm`` in training mode on the same input
-    (batch statistics; the running statistics are not touched again)."""
+class _Node:
+    """A tensor the backward recomputes: ``compute(*inputs)`` (no grad) on its inputs, each a ``_Packed`` (spike
+    bits), another ``_Node`` or a tensor kept anyway (the module saves it for its own backward).
 
-    __slots__ = ("bias", "bias_version", "cache", "eps", "weight", "weight_version", "x", "x_version")
+    Reference-counted: every saved tensor that points here, and every node computed from it, is one use, taken
+    when it is first needed (``acquire``: when autograd first saves it, or a dependent node becomes needed). The
+    value is cached from its first computation until its last use, so a tensor needed twice in the backward
+    (a convolution's output: by the batch norm's backward and for its own output's recomputation) is computed
+    once, and freed as soon as autograd would have freed the saved original. A use beyond the counted ones (a
+    second backward through a retained graph) recomputes it."""
 
-    def __init__(self, x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> None:
-        self.x, self.x_version = x, x._version
-        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
-        self.weight_version = None if bn.weight is None else bn.weight._version
-        self.bias_version = None if bn.bias is None else bn.bias._version
-        self.cache: weakref.ref[torch.Tensor] | None = None
+    __slots__ = ("cache", "compute", "inputs", "live", "name", "users", "versions")
 
-    def output(self) -> torch.Tensor:
-        y = self.cache() if self.cache is not None else None
-        if y is not None:
-            return y
-        for name, t, v in (("input", self.x, self.x_version), ("weight", self.weight, self.weight_version),
-                           ("bias", self.bias, self.bias_version)):
-            if t is not None and t._version != v:
-                raise RuntimeError(
-                    f"lasnn low-memory BPTT: a batch norm's {name} was modified in place between the forward and "
-                    "the backward, so its output cannot be recomputed (set snn.low_memory = False to save it instead)"
-                )
-        with torch.no_grad():
-            y = F.batch_norm(self.x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        self.cache = weakref.ref(y)
-        return y
+    def __init__(self, name: str, compute: Any, inputs: tuple[Any, ...],
+                 versions: tuple[tuple[str, torch.Tensor | None], ...]) -> None:
+        self.name, self.compute, self.inputs = name, compute, inputs
+        # tensors the recomputation reads (weights, inputs kept as is) and their versions now: changed in place
+        # before the backward, they would give another value, so that is an error
+        self.versions = tuple((what, t, None if t is None else t._version) for what, t in versions)
+        self.users, self.live, self.cache = 0, False, None
+
+    def acquire(self) -> None:
+        self.users += 1
+        if not self.live:  # first needed: so are its inputs, once each
+            self.live = True
+            for i in self.inputs:
+                if isinstance(i, _Node):
+                    i.acquire()
+
+    def get(self) -> torch.Tensor:
+        """The value, for one use."""
+        v = self.cache
+        if v is None:
+            for what, t, version in self.versions:
+                if t is not None and t._version != version:
+                    raise RuntimeError(
+                        f"lasnn low-memory BPTT: a {self.name}'s {what} was modified in place between the forward and "
+                        "the backward, so its output cannot be recomputed (set snn.low_memory = False or True to save "
+                        "it instead)"
+                    )
+            args = [i.get() if isinstance(i, _Node) else i.tensor() if isinstance(i, _Packed) else i
+                    for i in self.inputs]
+            with torch.no_grad():
+                v = self.compute(*args)
+        self.users -= 1
+        self.cache = v if self.users > 0 else None
+        return v
+
+
+def _batch_norm_node(bn: nn.modules.batchnorm._BatchNorm, x: Any, x_tensor: torch.Tensor) -> _Node:
+    """A training-mode batch norm's output, recomputed with batch statistics (the running ones not touched)."""
+    w, b, eps = bn.weight, bn.bias, bn.eps
+    return _Node("batch norm", lambda xv: F.batch_norm(xv, None, None, w, b, True, 0.0, eps), (x,),
+                 (("input", x_tensor if not isinstance(x, _Node) else None), ("weight", w), ("bias", b)))
+
+
+def _module_node(m: nn.Module, x: Any) -> _Node:
+    """A convolution's, linear layer's or pool's output, recomputed by the module's own forward on its input."""
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        w, b = m.weight, m.bias
+        return _Node(type(m).__name__, lambda xv: m._conv_forward(xv, w, b), (x,), (("weight", w), ("bias", b)))
+    if isinstance(m, nn.Linear):
+        w, b = m.weight, m.bias
+        return _Node("Linear", lambda xv: F.linear(xv, w, b), (x,), (("weight", w), ("bias", b)))
+    forward = type(m).forward  # a parameter-free pool: its forward, without the module's hooks
+    return _Node(type(m).__name__, lambda xv: forward(m, xv), (x,), ())
 
 
 class _Recompute:
+    """A saved tensor that is (a view of) a ``_Node``'s value: recovered by ``as_strided`` on it."""
+
     __slots__ = ("offset", "shape", "source", "stride")
 
-    def __init__(self, t: torch.Tensor, source: _BNOutput) -> None:
+    def __init__(self, t: torch.Tensor, source: _Node) -> None:
         self.source, self.shape, self.stride, self.offset = source, t.shape, t.stride(), t.storage_offset()
+        source.acquire()
 
     def tensor(self) -> torch.Tensor:
-        return self.source.output().as_strided(self.shape, self.stride, self.offset)
+        return self.source.get().as_strided(self.shape, self.stride, self.offset)
 
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+               nn.AdaptiveAvgPool3d)
 
 
 def _registered(entry: tuple[Any, ...] | None, t: torch.Tensor, ptr: int) -> bool:
@@ -111,50 +155,100 @@ def _registered(entry: tuple[Any, ...] | None, t: torch.Tensor, ptr: int) -> boo
             and t._version == entry[1])
 
 
+def _real(t: Any) -> bool:
+    return (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() > 0 and t.device.type != "meta"
+            and t.is_floating_point() and t.untyped_storage().data_ptr() != 0)
+
+
 class _SpikeBits:
-    def __init__(self) -> None:
+    def __init__(self, recompute_batch_norm: bool = False, recompute_all: bool = False) -> None:
+        self.recompute_batch_norm = recompute_batch_norm or recompute_all
+        self.recompute_all = recompute_all
         # storage address -> the spike tensor, weakly: an address is trusted only while its spikes live
         # (while they do, their storage cannot be freed and reused). Any view of that storage (a reshape, the
         # unsqueeze inside a 1-d pool) holds spikes only, so it is packed too.
         # The version counter (shared by views) at marking: a spike tensor changed in place since then is
-        # no longer 0/1 and is saved as usual.
-        self.spikes: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
-        # storage address -> (the batch-norm output, weakly; its version; how to recompute it). Only the tensor
-        # itself (same storage, same version) is recomputed: a view into it is recovered by as_strided.
-        self.bn_outputs: dict[int, tuple[weakref.ref[torch.Tensor], int, _BNOutput]] = {}
+        # no longer 0/1 and is saved as usual. The third item holds the bits of each view of it packed so far,
+        # shared by every save of that view and every node recomputed from it.
+        self.spikes: dict[int, tuple[weakref.ref[torch.Tensor], int, dict[tuple[Any, ...], _Packed]]] = {}
+        # storage address -> (a module's output, weakly; its version; how to recompute it: a _Node)
+        self.derived: dict[int, tuple[weakref.ref[torch.Tensor], int, _Node]] = {}
 
-    def mark_bn(self, bn: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        if type(bn) not in _BN_TYPES or not bn.training or len(args) != 1:
+    def _bits(self, t: torch.Tensor, ptr: int) -> _Packed:
+        """The bits of ``t``, a view of the registered spike tensor at ``ptr``."""
+        views = self.spikes[ptr][2]
+        key = (tuple(t.shape), t.stride(), t.storage_offset())
+        p = views.get(key)
+        if p is None:
+            p = views[key] = _Packed(t)
+        return p
+
+    def _source(self, t: torch.Tensor) -> Any:
+        """What ``t`` can be recovered from without keeping it: its bits (spikes), a node (a registered module
+        output, or a view of one), or None."""
+        ptr = t.untyped_storage().data_ptr()
+        if _registered(self.spikes.get(ptr), t, ptr):
+            return self._bits(t, ptr)
+        entry = self.derived.get(ptr)
+        if _registered(entry, t, ptr):
+            node = entry[2]
+            r = entry[0]()
+            if (t.shape, t.stride(), t.storage_offset()) == (r.shape, r.stride(), r.storage_offset()):
+                return node
+            shape, stride, offset = t.shape, t.stride(), t.storage_offset()
+            return _Node("view", lambda v: v.as_strided(shape, stride, offset), (node,), ())
+        return None
+
+    def mark_module(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        """Register ``out`` as recomputable when ``m`` is a module whose output the backward can recompute from
+        what is kept anyway (see ``spike_bits``)."""
+        kind = type(m)
+        if len(args) != 1 or not (_real(args[0]) and _real(out)) or torch.is_autocast_enabled(out.device.type):
             return
         x = args[0]
-        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)) or x.device.type == "meta":
+        if isinstance(m, _BN_TYPES) and kind in _BN_TYPES:  # exactly torch's: a subclass may compute otherwise
+            if not self.recompute_batch_norm or not m.training:
+                return
+            if not (x.requires_grad or any(p is not None and p.requires_grad for p in (m.weight, m.bias))):
+                return  # the batch norm saves nothing, so its input would be kept alive for us alone
+            src = self._source(x) if self.recompute_all else None
+            node = _batch_norm_node(m, x if src is None or isinstance(src, _Packed) else src, x)
+        elif self.recompute_all and kind in _LINEAR_TYPES:
+            src = self._source(x)
+            if src is None and not m.weight.requires_grad:
+                return  # its input is not saved: keeping it would cost what recomputing saves
+            node = _module_node(m, x if src is None else src)
+        elif self.recompute_all and isinstance(m, _POOL_TYPES):
+            src = self._source(x)
+            if src is None:
+                return
+            node = _module_node(m, src)
+        else:
             return
-        if not (x.requires_grad or any(p is not None and p.requires_grad for p in (bn.weight, bn.bias))):
-            return  # the batch norm saves nothing, so its input would be kept alive for us alone
-        if torch.is_autocast_enabled(x.device.type) or out.untyped_storage().data_ptr() == 0:
-            return
-        self.bn_outputs[out.untyped_storage().data_ptr()] = (weakref.ref(out), out._version, _BNOutput(x, bn))
+        self.derived[out.untyped_storage().data_ptr()] = (weakref.ref(out), out._version, node)
 
     def mark(self, t: torch.Tensor) -> None:
         if t.device.type != "meta" and t.untyped_storage().data_ptr() != 0:
-            self.spikes[t.untyped_storage().data_ptr()] = (weakref.ref(t), t._version)
+            self.spikes[t.untyped_storage().data_ptr()] = (weakref.ref(t), t._version, {})
 
     def pack(self, t: torch.Tensor) -> Any:
-        if t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta" or not t.is_floating_point():
+        if not _real(t):
             return t
         ptr = t.untyped_storage().data_ptr()
-        if ptr == 0:  # no real storage (meta, fake tensors): addresses say nothing
-            return t
         if _registered(self.spikes.get(ptr), t, ptr):
-            return _Packed(t)
-        bn_entry = self.bn_outputs.get(ptr)
-        if _registered(bn_entry, t, ptr):
-            return _Recompute(t, bn_entry[2])
+            return self._bits(t, ptr)
+        entry = self.derived.get(ptr)
+        if _registered(entry, t, ptr):
+            return _Recompute(t, entry[2])
         return t
 
     @staticmethod
     def unpack(p: Any) -> torch.Tensor:
         return p.tensor() if isinstance(p, (_Packed, _Recompute)) else p
+
+    def clear(self) -> None:
+        self.spikes.clear()
+        self.derived.clear()
 
 
 def _other_hooks_active() -> bool:
@@ -172,10 +266,11 @@ def mark_spikes(t: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def spike_bits(recompute_batch_norm: bool = False) -> Iterator[None]:
-    """Inside the block, spikes registered by ``mark_spikes`` that autograd saves are stored as bits, and with
-    ``recompute_batch_norm`` saved outputs of training-mode batch norms are recomputed in the backward (see the
-    module docstring).
+def spike_bits(recompute_batch_norm: bool = False, recompute_all: bool = False) -> Iterator[None]:
+    """Inside the block, spikes registered by ``mark_spikes`` that autograd saves are stored as bits, with
+    ``recompute_batch_norm`` saved outputs of training-mode batch norms are recomputed in the backward, and with
+    ``recompute_all`` also the outputs of convolutions, linear layers and average pools that read spikes or
+    recomputable tensors (see the module docstring).
 
     Nested blocks share the outer one. Where other saved-tensor hooks are already active (activation
     checkpointing, ``torch.autograd.graph.save_on_cpu``, ...) the block does nothing, so theirs keep working
@@ -185,11 +280,12 @@ def spike_bits(recompute_batch_norm: bool = False) -> Iterator[None]:
     if _ACTIVE.get() is not None or _other_hooks_active():
         yield
         return
-    state = _SpikeBits()
+    state = _SpikeBits(recompute_batch_norm, recompute_all)
     token = _ACTIVE.set(state)
-    # a global module hook (removed with the block) sees every batch norm the block runs, whoever built it; it
-    # acts only for this block's context (other threads have their own)
-    handle = register_module_forward_hook(functools.partial(_mark_bn_hook, state)) if recompute_batch_norm else None
+    # a global module hook (removed with the block) sees every module the block runs, whoever built it; it acts
+    # only for this block's context (other threads have their own)
+    handle = (register_module_forward_hook(functools.partial(_mark_module_hook, state))
+              if recompute_batch_norm or recompute_all else None)
     try:
         with torch.autograd.graph.saved_tensors_hooks(state.pack, state.unpack):
             yield
@@ -199,10 +295,9 @@ def spike_bits(recompute_batch_norm: bool = False) -> Iterator[None]:
         _ACTIVE.reset(token)
         # the registries may outlive the block (autograd keeps the hooks with what they saved): drop what they
         # reference, or a batch norm's input would live until the whole backward ends
-        state.spikes.clear()
-        state.bn_outputs.clear()
+        state.clear()
 
 
-def _mark_bn_hook(state: _SpikeBits, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+def _mark_module_hook(state: _SpikeBits, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
     if _ACTIVE.get() is state:
-        state.mark_bn(module, args, out)
+        state.mark_module(module, args, out)

@@ -78,7 +78,7 @@ ANALOG_FUNCTIONS: frozenset[str] = frozenset({
 })
 
 _ON_ANALOG = ("error", "warn", "ignore")
-_LOW_MEMORY = (False, True, "bits", "recompute")
+_LOW_MEMORY = (False, True, "bits", "recompute", "recompute_all")
 
 
 class AnalogActivationWarning(UserWarning):
@@ -334,6 +334,10 @@ class SNN(nn.Module):
             outputs of training-mode batch norms that autograd saves (the neuron's input) are recomputed in
             the backward from the batch norm's input: about a quarter less activation memory on a VGG-style
             student, for one more batch-norm forward per layer (+12-18% step time on a CPU, measured).
+            ``"recompute_all"``: also the outputs of the convolutions, linear layers and average pools whose
+            input is spikes (kept as bits), another recomputable tensor, or a tensor they keep anyway (the analog
+            first layer's input) are recomputed: autograd keeps little more than the bits of the spikes and the
+            input, for one more forward of those layers in the backward.
             ``False``: the plain path. Off under ``torch.compile`` and wherever other saved-tensor hooks
             (checkpointing, offloading) are active.
 
@@ -431,7 +435,8 @@ class SNN(nn.Module):
             ``on_analog="error"`` when the body applies an activation function outside the spiking sites.
         """
         if self._low_memory and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            with spike_bits(recompute_batch_norm=self._low_memory == "recompute"):
+            with spike_bits(recompute_batch_norm=self._low_memory == "recompute",
+                            recompute_all=self._low_memory == "recompute_all"):
                 return self._forward(x, return_steps)
         return self._forward(x, return_steps)
 
