@@ -33,7 +33,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"{' (TRITON_INTERPRET=1: runs on CPU tensors)' if _ext.triton_interpret() else ''}")
     print("training memory (SNN.low_memory): True (default) keeps the spikes autograd saves as bits: per spiking "
           "layer the conv output, the batch-norm output and 1 bit per spike are saved; \"recompute\" also drops the "
-          "batch-norm output (recomputed in the backward); average pools save nothing")
+          "batch-norm output (recomputed in the backward); \"recompute_all\" also the conv output and pooled spikes "
+          "(recomputed from the bits and the input: about 1 bit per spike saved, one more conv forward in the "
+          "backward); average pools save nothing")
     print()
     width = max(len(op) for op in backends.OPS)
     for op, b, status in backends.table():

@@ -447,6 +447,23 @@ def test_channels_last_default_records_and_obeys_the_flag(tmp_path):
             for v in convs if v.shape[1] > 1)
 
 
+def test_low_memory_level_is_recorded_and_trains_the_same_weights(tmp_path):
+    """``--low-memory``: every level computes the same gradients, so runs end with the same weights and metrics;
+    config.json records the level and the loaded run's model has it."""
+    base = ["--dataset", "synthetic", "--epochs", "2", "--batch-size", "64", "--T", "2", "--quiet"]
+    for level in ("off", "recompute_all"):
+        assert main(["train-snn", "--out", str(tmp_path / level), *base, "--low-memory", level]) == 0
+        assert json.loads((tmp_path / level / "config.json").read_text())["low_memory"] == level
+    assert load_run(tmp_path / "recompute_all").model.low_memory == "recompute_all"
+    assert load_run(tmp_path / "off").model.low_memory is False
+    a, b = (load_checkpoint(tmp_path / lv / "last.pt")["model_state"] for lv in ("off", "recompute_all"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _records(tmp_path / "off")]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _records(tmp_path / "recompute_all")]
+    with pytest.raises(ValueError, match="low_memory must be one of"):
+        SNNConfig(low_memory="all").validate()
+
+
 def test_command_help_states_the_config_defaults():
     """Every `lasnn distill` / `train-snn` option that has a config field shows that field's default."""
     import argparse

@@ -126,6 +126,10 @@ def _snn_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-step-loss", dest="per_step_loss", action="store_true", default=_S,
                    help="cross-entropy (and KD) averaged over the per-step logits instead of taken on their mean "
                         "(temporal efficient training)")
+    p.add_argument("--low-memory", dest="low_memory", choices=["off", "bits", "recompute", "recompute_all"],
+                   default=_S, help="what the training forward saves for the backward (same gradients at every "
+                                    f"level; less memory, more recomputation from left to right; default "
+                                    f"{_d('low_memory')}): see `lasnn info`")
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:

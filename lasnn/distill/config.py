@@ -14,6 +14,7 @@ __all__ = [
 
 SCHEDULES = ("layerwise", "joint")
 ENCODINGS = ("direct", "poisson")
+LOW_MEMORY = ("off", "bits", "recompute", "recompute_all")  # SNN.low_memory: False, True, ...
 EARLIER = ("freeze", "lr")
 TIME_REDUCE = ("mean", "per_step")
 OPTIMIZERS = ("sgd", "adamw")
@@ -109,12 +110,17 @@ class SNNConfig(TeacherConfig):
     ``per_step_loss``: the classification loss (and, when distilling, KD) is the mean over the ``T``
     per-step outputs of the loss of each step's logits (temporal efficient training, Deng et al., ICLR
     2022) instead of the loss of their mean; predictions still use the mean.
+    ``low_memory``: what the student's training forward saves for the backward (``lasnn.nn.SNN.low_memory``):
+    ``bits`` (spikes as bits), ``recompute`` (batch-norm outputs recomputed too), ``recompute_all`` (conv, linear
+    and pool outputs too: least memory, one more conv forward in the backward) or ``off``; the same gradients
+    bit for bit at every level.
     """
 
     student: str | None = None
     T: int = 4
     encoding: str = "direct"
     per_step_loss: bool = False
+    low_memory: str = "bits"
     kind: str = field(default="snn", init=False)
 
     @property
@@ -130,6 +136,8 @@ class SNNConfig(TeacherConfig):
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
         if not isinstance(self.per_step_loss, bool):
             raise ValueError(f"per_step_loss must be a bool, got {self.per_step_loss!r}")
+        if self.low_memory not in LOW_MEMORY:
+            raise ValueError(f"low_memory must be one of {LOW_MEMORY}, got {self.low_memory!r}")
 
 
 @dataclass

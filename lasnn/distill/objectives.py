@@ -68,7 +68,9 @@ def build_student_model(cfg: SNNConfig, ds: Dataset) -> nn.Module:
     kwargs: dict[str, Any] = {"T": cfg.T, "encoding": cfg.encoding}
     if cfg.encoding == "poisson":
         kwargs["seed"] = cfg.seed
-    return spikify(ann, **kwargs)
+    snn = spikify(ann, **kwargs)
+    snn.low_memory = False if cfg.low_memory == "off" else cfg.low_memory
+    return snn
 
 
 def resolve_names(cfg: TeacherConfig, ds: Dataset) -> TeacherConfig:

@@ -1,4 +1,4 @@
-"""Lossless low-memory BPTT: saved spikes kept as bits, saved batch-norm outputs recomputed.
+"""Lossless low-memory BPTT: saved spikes kept as bits, saved module outputs recomputed.
 
 A spiking layer's output is exactly 0 or 1, yet the conv/linear (or pooling, or attention loss) that reads it
 saves it for its backward as a full float tensor, ``T`` times larger than in the ANN. And the neuron after a
@@ -12,12 +12,21 @@ every forward that builds a graph, unless its ``low_memory`` is False), a
 - with ``recompute_batch_norm`` (``snn.low_memory = "recompute"``), the output of every ``nn.BatchNorm1d/2d/3d``
   in training mode (batch statistics) is registered with its input, weight and bias, and when autograd saves it
   (the neuron's backward needs it), only that reference is kept: the backward recomputes it with the same
-  batch-norm forward on the same input, which the batch norm's own backward keeps anyway.
+  batch-norm forward on the same input, which the batch norm's own backward keeps anyway;
+- with ``recompute_all`` (``snn.low_memory = "recompute_all"``), also the outputs of convolutions, linear layers
+  and average pools are registered when their input can be had without keeping anything more: spikes (their
+  bits), another registered output, or (convolution, linear) the input it saves for its weight gradient anyway
+  (the analog first layer's). The batch norm's input, the next convolution's pooled input, ... are then
+  recomputed too, in a chain that starts from bits and the network's input. Each recomputed tensor is a
+  reference-counted node: computed at its first use in the backward, cached until its last, so a convolution's
+  output (read by the batch norm's backward and by the batch norm's recomputation) is computed once.
 
 The values are the same, so gradients are bit-identical (tested on the zoo models). The saved copy of spikes
 shrinks 32x (fp32) at no measurable cost; that of a batch-norm output to nothing, for one more batch-norm
-forward per layer in the backward (+12-18% step time on a CPU, measured: hence not the default). Tensors that
-are neither are saved as usual; so is either kind changed in place after it was made.
+forward per layer in the backward (+12-18% step time on a CPU, measured: hence not the default); with
+``recompute_all`` what autograd keeps per spiking layer is about its bits, for one more forward of every
+convolution too. Tensors that are none of these are saved as usual; so is any changed in place after it was
+made.
 """
 
 from __future__ import annotations
