@@ -11,6 +11,7 @@ channels, 2x2 average pooling after every second one) and a linear classifier, o
 - ``ann``: the network with ReLU;
 - ``lasnn``: ``lasnn.spikify`` of it (LIF tau=2, hard reset), low-memory BPTT on (spikes saved as bits);
 - ``lasnn_recompute``: the same with ``snn.low_memory = "recompute"`` (batch-norm outputs recomputed too);
+- ``lasnn_recompute_all``: the same with ``snn.low_memory = "recompute_all"`` (conv and pool outputs too);
 - ``lasnn_plain``: the same with ``snn.low_memory = False``;
 - ``ann_channels_last``, ``lasnn_channels_last``: ``ann`` and ``lasnn`` with the model and the input in
   channels-last memory order (what ``lasnn train-snn``/``distill`` do on a CPU for image data);
@@ -39,8 +40,8 @@ T = 4
 BATCHES = (16, 48)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROUNDS = int(os.environ.get("LASNN_BENCH_ROUNDS", "5"))
-ROWS = ("ann", "lasnn", "lasnn_recompute", "lasnn_plain", "ann_channels_last", "lasnn_channels_last", "spikingjelly",
-        "spikingjelly_memopt")
+ROWS = ("ann", "lasnn", "lasnn_recompute", "lasnn_recompute_all", "lasnn_plain", "ann_channels_last",
+        "lasnn_channels_last", "spikingjelly", "spikingjelly_memopt")
 _peaks: dict[tuple[str, int], int] = {}
 
 
@@ -97,7 +98,8 @@ def _model(row: str, x: torch.Tensor):
     if row == "ann":
         return ann.to(memory_format=layout), ann
     snn = lasnn.spikify(ann, T=T).to(DEVICE, memory_format=layout)
-    snn.low_memory = {"lasnn": True, "lasnn_recompute": "recompute", "lasnn_plain": False}[row]
+    snn.low_memory = {"lasnn": True, "lasnn_recompute": "recompute", "lasnn_recompute_all": "recompute_all",
+                      "lasnn_plain": False}[row]
     return snn, snn
 
 

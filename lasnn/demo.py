@@ -291,7 +291,7 @@ def run_demo(
                                 f"{rec.student_epochs} epochs", "train_snn",
                       {"out": base / "direct", "seed": s, "lr": rec.direct_lr, **common,
                        "resume": again(base / "direct"), "measure": measure}))
-    sweeps: dict[str, tuple[dict[int, float], float]] = {}
+    sweeps: dict[str, tuple[dict[int, float], dict[int, float]]] = {}  # curve, firing rate by horizon
     for i, (name, (method, membrane)) in enumerate(recipes.items()):
         saved_sweep = out / f"sweep_{name}.json"
         if resume and saved_sweep.is_file():
@@ -347,14 +347,15 @@ def run_demo(
     g_se = g_std / math.sqrt(len(gains)) if g_std is not None else None
     student_target = sum(evals["student"]["sweep_acc"]) / seeds
     if not full_sweeps:  # a sweep may have run past its stopping horizon (before the target was known): cut there
-        for name, (curve, rate) in sweeps.items():
-            sweeps[name] = (_until_match(curve, student_target, T_max), rate)
+        for name, (curve, rates) in sweeps.items():
+            sweeps[name] = (_until_match(curve, student_target, T_max), rates)
 
     conversions: dict[str, Any] = {}
     curves = {f"{rec.label} ({names['student']})": {int(t): a for t, a in student["accuracy_by_T"].items()},
               f"direct training ({names['direct']})": {int(t): a for t, a in direct["accuracy_by_T"].items()}}
     for name, (method, membrane) in recipes.items():
-        curve, rate = sweeps[name]
+        curve, rates = sweeps[name]
+        rate = rates.get(max(curve), rates[max(rates)])  # over the curve's steps (a sweep from an older demo: its own)
         match = t_to_match(curve, student_target)
         conversions[name] = {
             "method": method, "percentile": 99.9 if method == "robust" else None, "initial_membrane": membrane,
@@ -504,11 +505,12 @@ def _until_match(curve: dict[int, float], target: float, T_max: int) -> dict[int
 
 def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | None, method: str,
            initial_membrane: float, T_max: int, device: str,
-           save: Path | None = None, target_file: Path | None = None) -> tuple[dict[int, float], float]:
+           save: Path | None = None, target_file: Path | None = None) -> tuple[dict[int, float], dict[int, float]]:
     """Convert the teacher run's ANN and sweep T = 1..T_max over the first ``samples`` test samples (None: all);
     ``target_file``: stop once the curve reaches the accuracy in that JSON file (asked at every horizon of
     ``accuracy_vs_timesteps``; the sweep goes on while the file does not exist yet); ``save``: also write
-    ``(curve, firing rate)`` there (atomically), for a resumed demo."""
+    ``(curve, firing rate)`` there (atomically), for a resumed demo. Returns the curve and the firing rate over the
+    first H steps at each horizon H the sweep passed (the whole curve's at its end)."""
     from lasnn.convert.pipeline import _convert_curve, _device, _loaders
     from lasnn.data import load_dataset
     from lasnn.distill import load_run
@@ -526,20 +528,27 @@ def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | Non
                 return float(json.loads(target_file.read_text())["student_accuracy_on_conversion_samples"])
             except FileNotFoundError:
                 return None
+    rates: dict[int, float] = {}  # firing rate over the first H steps, at every horizon H the sweep passed
 
     _, curve, rate = _convert_curve(ann, calib, ds.loader("test", EVAL_BATCH), method=method, percentile=99.9,
-                                    initial_membrane=initial_membrane, T_max=T_max, device=dev, stop_at=stop_at)
+                                    initial_membrane=initial_membrane, T_max=T_max, device=dev, stop_at=stop_at,
+                                    on_horizon=lambda snn, h: rates.__setitem__(h, snn.firing_rate()))
+    rates[max(curve)] = rate
     if save is not None:
         from lasnn.convert.report import write_json
 
-        write_json(save, {"accuracy_by_T": {str(t): a for t, a in curve.items()}, "firing_rate": rate})
-    return curve, rate
+        write_json(save, {"accuracy_by_T": {str(t): a for t, a in curve.items()}, "firing_rate": rate,
+                          "firing_rate_by_horizon": {str(h): r for h, r in sorted(rates.items())}})
+    return curve, rates
 
 
-def _read_sweep(path: Path) -> tuple[dict[int, float], float]:
-    """A sweep written by ``_sweep(save=path)``: ``(curve {T: accuracy}, firing rate)``."""
+def _read_sweep(path: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """A sweep written by ``_sweep(save=path)``: ``(curve {T: accuracy}, {H: firing rate over the first H steps})``
+    (a file from before the horizons: its one rate, over the whole curve)."""
     d = json.loads(path.read_text())
-    return {int(t): float(a) for t, a in d["accuracy_by_T"].items()}, float(d["firing_rate"])
+    curve = {int(t): float(a) for t, a in d["accuracy_by_T"].items()}
+    rates = {int(h): float(r) for h, r in d.get("firing_rate_by_horizon", {}).items()}
+    return curve, rates or {max(curve): float(d["firing_rate"])}
 
 
 def _run_jobs(tasks: list[tuple[str, str, str, dict[str, Any]]], jobs: int, quiet: bool,

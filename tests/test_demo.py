@@ -190,6 +190,15 @@ def test_demo_sweeps_stop_once_matched_with_the_full_sweeps_values(tmp_path, cap
     # the target the sweeps read, written once the distilled student was measured: what the report matches against
     target = json.loads((tmp_path / "stop" / demo.TARGET_FILE).read_text())
     assert target == {"student_accuracy_on_conversion_samples": stop["student_accuracy_on_conversion_samples"]}
+    # the firing rate reported with a cut curve is over its steps: the rate of a sweep to that T, whenever the
+    # sweep learnt the target (here: from the start, and never, i.e. a full sweep read at that horizon)
+    for name, (method, membrane) in {"classic": ("max", 0.0), "robust": ("robust", 0.5)}.items():
+        s = stop["conversion"][name]
+        h = int(list(s["accuracy_by_T"])[-1])
+        args = (tmp_path / "stop" / "teacher", "synthetic", None, None, method, membrane)
+        _, alone = demo._sweep(*args, h, "cpu")
+        curve, late = demo._sweep(*args, 16, "cpu", target_file=tmp_path / "never.json")
+        assert s["firing_rate"] == alone[h] == late[h] and set(late) == {1, 2, 4, 8, 16} and len(curve) == 16
     # a demo.json written before the setting existed resumes as what it was: full sweeps
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / demo.DEMO_STATE).write_text(json.dumps({k: v for k, v in settings.items()

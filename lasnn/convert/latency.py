@@ -119,6 +119,7 @@ def accuracy_vs_timesteps(
     chunk: int | None = None,
     device: torch.device | str | None = None,
     stop_at: float | Callable[[], float | None] | None = None,
+    on_horizon: Callable[[int], None] | None = None,
 ) -> dict[int, float]:
     """Top-1 accuracy after every number of time steps ``T = 1..T_max``, from ONE simulation of ``T_max`` steps.
 
@@ -150,6 +151,8 @@ def accuracy_vs_timesteps(
         device: where to run (default: the SNN's parameters' device).
         stop_at: None (the whole curve), an accuracy in [0, 1] after which the sweep may stop (above), or a
             function returning such an accuracy or None (not known yet).
+        on_horizon: called with ``H`` once every sample has run ``H`` steps (each horizon with ``stop_at``, else
+            ``T_max``), e.g. to read spike counts over exactly the steps of a curve cut at ``H``.
     Returns:
         ``{T: accuracy in [0, 1]}`` for every ``T`` from 1 to ``T_max`` (to the stopping horizon with ``stop_at``).
     """
@@ -181,6 +184,8 @@ def accuracy_vs_timesteps(
                     total += x.shape[0]
                     reset()
                 horizon = T_max
+                if on_horizon is not None and total:
+                    on_horizon(horizon)
             else:
                 batches = [(x.to(device), y.to(device)) for x, y in map(_batch_xy, loader) if x.shape[0] > 0]
                 total = sum(x.shape[0] for x, _ in batches)
@@ -196,6 +201,8 @@ def accuracy_vs_timesteps(
                         correct[done:horizon] += c
                         states[i] = save()
                     reset()
+                    if on_horizon is not None:
+                        on_horizon(horizon)
                     if horizon == T_max:
                         break
                     target = stop_at() if callable(stop_at) else stop_at

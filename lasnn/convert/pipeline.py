@@ -118,11 +118,13 @@ def _loaders(ds, batch_size: int):
     return calib, test
 
 
-def _convert_curve(ann, calib, test, *, method, percentile, initial_membrane, T_max, device, stop_at=None):
+def _convert_curve(ann, calib, test, *, method, percentile, initial_membrane, T_max, device, stop_at=None,
+                   on_horizon=None):
     snn = convert(ann, calib, method=method, percentile=percentile, initial_membrane=initial_membrane,
                   max_batches=CALIB_BATCHES).to(device)
     snn.reset_counts()
-    curve = accuracy_vs_timesteps(snn, test, T_max=T_max, stop_at=stop_at)  # rate: over the steps simulated
+    curve = accuracy_vs_timesteps(snn, test, T_max=T_max, stop_at=stop_at,
+                                  on_horizon=None if on_horizon is None else lambda h: on_horizon(snn, h))
     rate = snn.firing_rate()
     return snn, curve, rate
 
