@@ -29,6 +29,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         arch = f" (for TORCH_CUDA_ARCH_LIST={_ext.CUDA_ARCH_LIST})" if _ext.CUDA_ARCH_LIST else ""
         print(f"  CUDA kernels compiled in: {_ext.c_has_cuda_kernels()}{arch}")
         print(f"  CPU LIF kernels (fp32, bf16): {_ext.cpu_lif_isa()} build (LASNN_CPU_ISA caps it; fp16/fp64: base)")
+    from lasnn.runtime import cpu_has_native_bf16
+
+    bf16 = "native (AVX512-BF16/AMX): --cpu-amp speeds training up" if cpu_has_native_bf16() else \
+        "emulated: --cpu-amp would be slower"
+    print(f"CPU bf16: {bf16}")
     print(f"triton: {'importable' if _ext.HAS_TRITON else _ext.TRITON_ERROR}"
           f"{' (TRITON_INTERPRET=1: runs on CPU tensors)' if _ext.triton_interpret() else ''}")
     print("training memory (SNN.low_memory): True (default) keeps the spikes autograd saves as bits: per spiking "

@@ -39,6 +39,8 @@ class DemoRecipe:
     rate of one is not the best of the other). ``schedule``, ``stage_epochs``, ``kd_weight``,
     ``kd_temperature``, ``beta`` (None: the data set's default), ``final_attention``, ``per_step_loss`` (CE and
     KD on each step's logits, averaged over the steps): the distillation.
+    ``cpu_amp``: on a CPU that computes bf16 natively (``lasnn.runtime.cpu_has_native_bf16``), train the teacher
+    and both students under bf16 autocast, as every run on a GPU does (elsewhere: fp32).
     ``sweep_samples``: the conversion sweeps (and the student accuracy they are matched against) use the
     first that many test samples (None: all). ``sweep_until_match``: a sweep stops at the first power of two
     ``H`` at which the conversion has reached the students' accuracy (its curve then ends at ``H < 2·T_match``;
@@ -59,6 +61,7 @@ class DemoRecipe:
     beta: float | None = None
     final_attention: bool = True
     per_step_loss: bool = False
+    cpu_amp: bool = False
     sweep_samples: int | None = None
     sweep_until_match: bool = True
 
@@ -87,7 +90,7 @@ DEMO_RECIPES: dict[str, DemoRecipe] = {
     # 3 seeds against direct training at its own best rate (0.2; KD's is 0.1); adding the attention term
     # (beta=100) costs 0.26 +- 0.02 of that; the layer-wise schedule is 1.04 +- 0.18 behind KD alone.
     "fashionmnist": DemoRecipe(8, 8, 128, direct_lr=0.2, schedule="joint", stage_epochs=None, beta=0.0,
-                               sweep_samples=2000),
+                               sweep_samples=2000, cpu_amp=True),
     "synthetic": DemoRecipe(2, 4, 64),
 }
 # cifar-scale data sets (meant for a GPU): whole sweeps (keeping 10,000 test images' membranes at once would not fit)
@@ -187,6 +190,7 @@ def run_demo(
     from lasnn.convert.report import curve_to_json, format_table, plot_latency, t_to_match, write_json
     from lasnn.data import load_dataset
     from lasnn.distill import load_run, train_teacher
+    from lasnn.runtime import cpu_has_native_bf16
 
     T = _check_int("T", T, 1)
     T_max = _check_int("T_max", T_max, 1)
@@ -255,10 +259,13 @@ def run_demo(
     def again(run: Path) -> bool:  # resume this run (it was started by the interrupted demo)
         return resume and (run / "config.json").is_file()
 
-    _say(quiet, f"[1/{n_phases}] teacher ANN on {dataset}: {rec.teacher_epochs} epochs")
+    # bf16 autocast on a CPU only where it is native (and so faster); on a GPU every run has it (amp)
+    cpu_amp = rec.cpu_amp and dev.type == "cpu" and cpu_has_native_bf16()
+    _say(quiet, f"[1/{n_phases}] teacher ANN on {dataset}: {rec.teacher_epochs} epochs"
+                + (" (bf16 autocast, as the students)" if cpu_amp else ""))
     with phase("teacher"):
         train_teacher(out=out / "teacher", dataset=dataset, data_dir=data_dir, epochs=rec.teacher_epochs, seed=seed,
-                      device=device, quiet=True, resume=again(out / "teacher"))
+                      device=device, quiet=True, resume=again(out / "teacher"), cpu_amp=cpu_amp)
     kd = {"schedule": rec.schedule, "kd_weight": rec.kd_weight, "kd_temperature": rec.kd_temperature,
           "final_attention": rec.final_attention, "per_step_loss": rec.per_step_loss}
     if rec.schedule == "layerwise":
@@ -266,7 +273,8 @@ def run_demo(
     if rec.beta is not None:
         kd["beta"] = rec.beta
     common = {"dataset": dataset, "data_dir": data_dir, "T": T, "epochs": rec.student_epochs,
-              "batch_size": rec.batch_size, "optimizer": rec.optimizer, "device": device, "quiet": True}
+              "batch_size": rec.batch_size, "optimizer": rec.optimizer, "device": device, "quiet": True,
+              "cpu_amp": cpu_amp}
     run_seeds = list(range(seed, seed + seeds))
     folders = [out if seeds == 1 else out / f"seed{s}" for s in run_seeds]
     sub_n = rec.sweep_samples if rec.sweep_samples is not None and rec.sweep_samples < ds.x_test.shape[0] else None
@@ -385,6 +393,7 @@ def run_demo(
         "recipe": {
             "student": {**opt, "lr": rec.lr, **kd, "beta": beta, **epochs_info},
             "direct": {**opt, "lr": rec.direct_lr, **epochs_info},
+            "cpu_amp": cpu_amp,  # teacher and students trained under bf16 autocast on this CPU
             "schedule_lr": "cosine to 0 per stage",
         },
         "conversion": conversions,

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["keep_cpu_memory", "preserved_rng", "rng_state", "set_rng_state"]
+__all__ = ["cpu_has_native_bf16", "keep_cpu_memory", "preserved_rng", "rng_state", "set_rng_state"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -70,6 +70,14 @@ def keep_cpu_memory(mmap_threshold: int = 1 << 30) -> bool:
     return mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
 
 
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), where bf16 autocast (``cpu_amp``) makes
+    oneDNN's convolutions faster; elsewhere bf16 is emulated and slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(c()) for c in checks if callable(c))
 
 
 def rng_state() -> dict[str, Any]:

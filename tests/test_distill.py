@@ -464,6 +464,34 @@ def test_low_memory_level_is_recorded_and_trains_the_same_weights(tmp_path):
         SNNConfig(low_memory="all").validate()
 
 
+def test_cpu_amp_trains_under_bf16_autocast_on_a_cpu(tmp_path, monkeypatch):
+    """``--cpu-amp``: the forwards run under bf16 autocast on a CPU (convolutions in bf16), recorded in
+    config.json; without it, fp32."""
+    from lasnn.distill import objectives
+
+    seen: list[bool] = []
+    real = objectives.Objective.losses
+
+    def spy(self, net, x, y, stage, **kw):
+        with self.amp():
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(self, net, x, y, stage, **kw)
+
+    monkeypatch.setattr(objectives.Objective, "losses", spy)
+    base = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "64", "--quiet", "--device", "cpu"]
+    assert main(["train-teacher", "--out", str(tmp_path / "amp"), *base, "--cpu-amp"]) == 0
+    assert json.loads((tmp_path / "amp" / "config.json").read_text())["cpu_amp"] is True
+    assert seen and all(seen)
+    seen.clear()
+    assert main(["train-snn", "--out", str(tmp_path / "fp32"), *base, "--T", "2"]) == 0
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["cpu_amp"] is False
+    assert seen and not any(seen)
+    res = train_snn(out=tmp_path / "snn", epochs=1, T=2, quiet=True, cpu_amp=True, device="cpu", **SMALL)
+    assert res["test_acc"] > 0  # a spiking student trains under it too (as every run on a GPU does)
+    with pytest.raises(ValueError, match="cpu_amp must be a bool"):
+        TeacherConfig(cpu_amp="yes").validate()
+
+
 def test_command_help_states_the_config_defaults():
     """Every `lasnn distill` / `train-snn` option that has a config field shows that field's default."""
     import argparse

@@ -72,6 +72,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "run shows the teacher the same mixed batch")
     p.add_argument("--device", default=_S, help=f"auto, cpu, cuda or cuda:N (default {_d('device')})")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=_S, help="no bf16 autocast on GPU")
+    p.add_argument("--cpu-amp", dest="cpu_amp", action="store_true", default=_S,
+                   help="bf16 autocast on a CPU too (fast where it computes bf16 natively: AVX512-BF16 or AMX; "
+                        "`lasnn info` says whether this one does)")
     layout = p.add_mutually_exclusive_group()
     layout.add_argument("--channels-last", dest="channels_last", action="store_true", default=_S,
                         help="2-d models and activations in channels-last memory order (default: on for image "

@@ -53,6 +53,10 @@ class TeacherConfig:
     channels-last convolution crashes (``lasnn.distill.objectives.default_channels_last``); config.json
     records the result. The results are the same up to float rounding (another summation order inside the
     convolutions), not bit-identical across the two settings.
+    ``amp``: bf16 autocast of the forwards (convolutions and linear layers in bf16, the rest in fp32) on a GPU;
+    ``cpu_amp``: the same on a CPU, off by default: fast only where the CPU computes bf16 natively (AVX512-BF16
+    or AMX, ``lasnn.runtime.cpu_has_native_bf16``; measured on a Zen 4 core: the Fashion-MNIST teacher's and
+    student's training steps 1.8x faster), slower elsewhere. Test accuracy is measured under the same autocast.
     """
 
     dataset: str = "mnist1d"
@@ -72,6 +76,7 @@ class TeacherConfig:
     mixup: float = 0.0
     device: str = "auto"
     amp: bool = True
+    cpu_amp: bool = False
     channels_last: bool | None = None
     kind: str = field(default="teacher", init=False)
 
@@ -92,6 +97,9 @@ class TeacherConfig:
         _check_pos("mixup", self.mixup, allow_zero=True)
         if self.width is not None:
             _check_pos("width", self.width)
+        for name in ("augment", "amp", "cpu_amp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             raise ValueError(f"channels_last must be True, False or None (auto), got {self.channels_last!r}")
 

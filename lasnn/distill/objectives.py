@@ -221,10 +221,12 @@ class Objective:
         self.cfg = cfg
         self.ds = ds
         self.device = device
-        self.use_amp = device.type == "cuda" and cfg.amp  # bf16 autocast of the forwards on a GPU
+        # bf16 autocast of the forwards: on a GPU with amp, on a CPU with cpu_amp
+        self.use_amp = (device.type == "cuda" and cfg.amp) or (device.type == "cpu" and cfg.cpu_amp)
 
     def amp(self) -> torch.autocast:
-        """The autocast context of the forwards (bf16 on a GPU with ``amp``, else disabled)."""
+        """The autocast context of the forwards (bf16 on a GPU with ``amp``, on a CPU with ``cpu_amp``, else
+        disabled)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp)
 
     def trainable(self, stage: Stage) -> list[tuple[list[str], float]]:
