@@ -227,7 +227,8 @@ def test_curve_stops_once_it_reaches_stop_at_with_the_full_curves_values(chunk):
     for target in targets:
         part = lasnn.accuracy_vs_timesteps(snn, loader, T_max=48, chunk=chunk, stop_at=target)
         m = t_to_match(full, target)
-        horizon = 48 if m is None else min(48, 1 << (m - 1).bit_length())
+        # horizons 1, 2, 4, ..., 32, then every 32 steps, T_max last: here 1, 2, 4, 8, 16, 32, 48
+        horizon = 48 if m is None else min(48, 1 << (m - 1).bit_length() if m <= 32 else 32 * -(-m // 32))
         assert list(part) == list(range(1, horizon + 1)), target
         assert part == {t: full[t] for t in part}, target
         lengths.append(horizon)
@@ -244,6 +245,19 @@ def test_curve_stops_once_it_reaches_stop_at_with_the_full_curves_values(chunk):
     with pytest.raises(ValueError, match="stop_at must be None, an accuracy in"):
         lasnn.accuracy_vs_timesteps(snn, loader, T_max=48, stop_at=lambda: 2.0)
     assert not snn.neurons()[0]._streaming  # the streaming block ended
+
+
+def test_sweep_horizons_double_to_32_then_grow_by_32():
+    from lasnn.convert.latency import sweep_horizons
+
+    assert sweep_horizons(1) == [1]
+    assert sweep_horizons(5) == [1, 2, 4, 5]
+    assert sweep_horizons(32) == [1, 2, 4, 8, 16, 32]
+    assert sweep_horizons(100) == [1, 2, 4, 8, 16, 32, 64, 96, 100]
+    assert sweep_horizons(256) == [1, 2, 4, 8, 16, 32, *range(64, 257, 32)]
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="T_max must be an int >= 1"):
+            sweep_horizons(bad)
 
 
 def test_stream_state_snapshots_and_restores_membranes():

@@ -158,7 +158,7 @@ def test_bad_arguments(demo_dir, tmp_path, capsys):
 
 
 def test_demo_sweeps_stop_once_matched_with_the_full_sweeps_values(tmp_path, capsys):
-    """By default a sweep stops at the first power of two at which it has matched the students: the same match,
+    """By default a sweep stops at the first horizon at which it has matched the students: the same match,
     ratio and curve values up to there as the full sweep of the same teacher (``--full-sweeps``)."""
     import shutil
 
@@ -182,7 +182,7 @@ def test_demo_sweeps_stop_once_matched_with_the_full_sweeps_values(tmp_path, cap
         f, s = full["conversion"][name], stop["conversion"][name]
         assert s["T_to_match_student"] == f["T_to_match_student"] and s["ratio"] == f["ratio"]
         m = f["T_to_match_student"]
-        horizon = 16 if m is None else min(16, 1 << (m - 1).bit_length())  # first power of two >= m
+        horizon = 16 if m is None else min(16, 1 << (m - 1).bit_length())  # below 32 the horizons double
         assert list(s["accuracy_by_T"]) == [str(t) for t in range(1, horizon + 1)], name
         assert s["accuracy_by_T"] == {t: f["accuracy_by_T"][t] for t in s["accuracy_by_T"]}, name
         stopped_early += horizon < 16

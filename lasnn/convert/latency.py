@@ -11,7 +11,7 @@ from torch import nn
 
 from lasnn.convert.report import t_to_match
 
-__all__ = ["accuracy_vs_timesteps", "stepper"]
+__all__ = ["accuracy_vs_timesteps", "stepper", "sweep_horizons"]
 
 
 def _batch_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +92,22 @@ def _correct_by_step(
     return correct, acc_logits
 
 
+HORIZON_STEP = 32  # horizons double up to this, then grow by it
+
+
+def sweep_horizons(T_max: int) -> list[int]:
+    """The horizons at which ``accuracy_vs_timesteps(stop_at=...)`` checks whether to stop: 1, 2, 4, ... doubling up
+    to 32, then every 32 steps (64, 96, 128, ...), and ``T_max`` last. A sweep that matches at ``T`` thus stops at
+    the first horizon ``H >= T``: ``H < 2·T`` below 32 steps, ``H < T + 32`` above."""
+    if isinstance(T_max, bool) or not isinstance(T_max, int) or T_max < 1:
+        raise ValueError(f"T_max must be an int >= 1, got {T_max!r}")
+    hs, h = [], 1
+    while h < T_max:
+        hs.append(h)
+        h = 2 * h if h < HORIZON_STEP else h + HORIZON_STEP
+    return [*hs, T_max]
+
+
 def _state_access(snn: nn.Module) -> tuple[Callable[[], Any], Callable[[Any], None]]:
     """``(save, load)`` of the carried membranes of a streaming SNN (``stop_at`` advances batches in turns)."""
     save, load = getattr(snn, "stream_state", None), getattr(snn, "load_stream_state", None)
@@ -129,10 +145,11 @@ def accuracy_vs_timesteps(
     separate ``T``-step run outputs). So the whole curve costs one ``T_max``-step run.
 
     With ``stop_at`` the simulation stops early, once the curve has reached that accuracy: all batches advance
-    together through horizons 1, 2, 4, 8, ... (each batch's membranes and logit sums are kept between
-    horizons), and after the first horizon ``H`` at which some ``T <= H`` has accuracy ``>= stop_at`` the curve
-    ``T = 1..H`` is returned (``H < 2·T_match``; ``T_max`` if never reached). Those values are exactly the full
-    curve's; the cost is ``H`` steps instead of ``T_max``. It holds every batch's state at once: the loader's
+    together through the horizons of ``sweep_horizons`` (1, 2, 4, ..., 32, 64, 96, ...; each batch's membranes and
+    logit sums are kept between horizons), and after the first horizon ``H`` at which some ``T <= H`` has
+    accuracy ``>= stop_at`` the curve ``T = 1..H`` is returned (``H < 2·T_match``, and ``H < T_match + 32``
+    above 32 steps; ``T_max`` if never reached). Those values are exactly the full curve's; the cost is ``H``
+    steps instead of ``T_max``. It holds every batch's state at once: the loader's
     batches, plus one ANN forward's activations per sample. ``stop_at`` may also be a function, asked at every
     horizon, returning the target or None while it is not known yet (the sweep then goes on): a sweep can start
     before what it is matched against has been measured (``lasnn demo`` runs it beside the students).
@@ -191,8 +208,8 @@ def accuracy_vs_timesteps(
                 total = sum(x.shape[0] for x, _ in batches)
                 states: list[Any] = [None] * len(batches)
                 sums: list[torch.Tensor | None] = [None] * len(batches)
-                done, horizon = 0, 1
-                while total:
+                done = horizon = 0
+                for horizon in sweep_horizons(T_max) if total else []:
                     for i, (x, y) in enumerate(batches):
                         reset()
                         if states[i] is not None:
@@ -209,7 +226,7 @@ def accuracy_vs_timesteps(
                     if target is not None and t_to_match({t + 1: float(correct[t]) / total for t in range(horizon)},
                                                          _check_accuracy(target)) is not None:
                         break
-                    done, horizon = horizon, min(2 * horizon, T_max)
+                    done = horizon
     finally:
         snn.train(was_training)
     if total == 0:
