@@ -366,7 +366,7 @@ def run_demo(
               f"direct training ({names['direct']})": {int(t): a for t, a in direct["accuracy_by_T"].items()}}
     for name, (method, membrane) in recipes.items():
         curve, rates = sweeps[name]
-        rate = rates.get(max(curve), rates[max(rates)])  # over the curve's steps (a sweep from an older demo: its own)
+        rate = rates[max(curve)]  # over the curve's steps (on_horizon recorded every horizon, the last included)
         match = t_to_match(curve, student_target)
         conversions[name] = {
             "method": method, "percentile": 99.9 if method == "robust" else None, "initial_membrane": membrane,
@@ -547,7 +547,6 @@ def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | Non
     _, curve, rate = _convert_curve(ann, calib, ds.loader("test", EVAL_BATCH), method=method, percentile=99.9,
                                     initial_membrane=initial_membrane, T_max=T_max, device=dev, stop_at=stop_at,
                                     on_horizon=lambda snn, h: rates.__setitem__(h, snn.firing_rate()))
-    rates[max(curve)] = rate
     if save is not None:
         from lasnn.convert.report import write_json
 

@@ -211,29 +211,31 @@ class _SpikeBits:
     def mark_module(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         """Register ``out`` as recomputable when ``m`` is a module whose output the backward can recompute from
         what is kept anyway (see ``spike_bits``)."""
+        # the hook sees every module call of the forward: the cheap type tests first
         kind = type(m)
+        is_bn = kind in _BN_TYPES  # exactly torch's: a subclass may compute otherwise
+        if not (is_bn or (self.recompute_all and (kind in _LINEAR_TYPES or isinstance(m, _POOL_TYPES)))):
+            return
         if len(args) != 1 or not (_real(args[0]) and _real(out)) or torch.is_autocast_enabled(out.device.type):
             return
         x = args[0]
-        if isinstance(m, _BN_TYPES) and kind in _BN_TYPES:  # exactly torch's: a subclass may compute otherwise
+        if is_bn:
             if not self.recompute_batch_norm or not m.training:
                 return
             if not (x.requires_grad or any(p is not None and p.requires_grad for p in (m.weight, m.bias))):
                 return  # the batch norm saves nothing, so its input would be kept alive for us alone
             src = self._source(x) if self.recompute_all else None
             node = _batch_norm_node(m, x if src is None or isinstance(src, _Packed) else src, x)
-        elif self.recompute_all and kind in _LINEAR_TYPES:
+        elif kind in _LINEAR_TYPES:
             src = self._source(x)
             if src is None and not m.weight.requires_grad:
                 return  # its input is not saved: keeping it would cost what recomputing saves
             node = _module_node(m, x if src is None else src)
-        elif self.recompute_all and isinstance(m, _POOL_TYPES):
+        else:  # an average pool
             src = self._source(x)
             if src is None:
                 return
             node = _module_node(m, src)
-        else:
-            return
         self.derived[out.untyped_storage().data_ptr()] = (weakref.ref(out), out._version, node)
 
     def mark(self, t: torch.Tensor) -> None:
