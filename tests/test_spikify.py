@@ -887,6 +887,83 @@ def test_recompute_all_computes_each_tensor_once_per_backward_and_refuses_change
         loss.backward()
 
 
+@pytest.mark.parametrize("name,layout", [("fashion_cnn_small", "channels_last"), ("mnist1d_cnn_small", "contiguous"),
+                                         ("resnet20", "channels_last")])
+def test_low_memory_under_autocast_recomputes_in_the_forwards_precision(name, layout):
+    """Under bf16 autocast (``--cpu-amp``; ``--amp`` on a GPU) every level still recomputes, each op under the
+    autocast state it ran under in the forward, whatever state the backward runs in: gradients bit-identical to
+    the plain path's, and the recomputed tensors are really not kept."""
+    from lasnn.nn import lowmem
+
+    torch.manual_seed(0)
+    snn = spikify(create(name, **({"width": 0.5} if name == "resnet20" else {})), T=4).train()
+    x = torch.randn(16, *model_info(name).input_shape)
+    if layout == "channels_last":
+        snn.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,))
+    kinds: list[str] = []
+    pack = lowmem._SpikeBits.pack
+
+    def counting(self, t):
+        out = pack(self, t)
+        kinds.append(type(out).__name__)
+        return out
+
+    def grads(level, amp_in_backward: bool) -> list[torch.Tensor]:
+        snn.zero_grad(set_to_none=True)
+        snn.low_memory = level
+        with torch.autocast("cpu", torch.bfloat16):
+            out = snn(x)
+        assert out.dtype == torch.bfloat16
+        # the backward inside another autocast state (fp16 here) must not change what is recomputed
+        with torch.autocast("cpu", torch.float16, enabled=amp_in_backward):
+            F.cross_entropy(out.float(), y).backward()
+        return [p.grad.clone() for p in snn.parameters()]
+
+    # autocast applies to the ops the backward calls too (a linear layer's backward matmuls), so each case is
+    # compared with the plain path under the same backward state
+    plain = {amp_in_backward: grads(False, amp_in_backward) for amp_in_backward in (False, True)}
+    lowmem._SpikeBits.pack = counting
+    try:
+        for level in ("recompute", "recompute_all"):
+            for amp_in_backward in (False, True):
+                kinds.clear()
+                got = grads(level, amp_in_backward)
+                assert all(torch.equal(a, b) for a, b in zip(plain[amp_in_backward], got, strict=True)), \
+                    (level, amp_in_backward)
+                assert "_Recompute" in kinds, kinds
+    finally:
+        lowmem._SpikeBits.pack = pack
+
+
+def test_recomputation_ignores_the_autocast_state_of_the_backward():
+    """A forward without autocast, a backward inside an autocast block: the recomputed convolution and batch norm
+    run in fp32 as in the forward (under bf16 they would differ, and so would the gradients)."""
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3))
+    snn = spikify(ann, T=3).train()
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,))
+
+    def grads(level) -> list[torch.Tensor]:
+        snn.zero_grad(set_to_none=True)
+        snn.low_memory = level
+        loss = F.cross_entropy(snn(x), y)
+        with torch.autocast("cpu", torch.bfloat16):  # the backward's own ops run under it, in every case
+            loss.backward()
+        return [p.grad.clone() for p in snn.parameters()]
+
+    plain = grads(False)
+    for level in ("recompute", "recompute_all"):
+        assert all(torch.equal(a, b) for a, b in zip(plain, grads(level), strict=True)), level
+    from lasnn.nn.lowmem import spike_bits
+
+    with pytest.raises(ValueError, match="level must be one of"):
+        with spike_bits("everything"):
+            pass
+
+
 def test_low_memory_steps_aside_for_checkpointing_and_leaves_no_hooks():
     from torch.utils.checkpoint import checkpoint
 

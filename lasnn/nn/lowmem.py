@@ -9,11 +9,11 @@ every forward that builds a graph, unless its ``low_memory`` is False), a
 
 - every spike tensor a LIF/IF site emits is registered, and a registered tensor that autograd saves is stored as
   one bit per element (uint8 words), unpacked to the same dtype when the backward needs it;
-- with ``recompute_batch_norm`` (``snn.low_memory = "recompute"``), the output of every ``nn.BatchNorm1d/2d/3d``
+- at level ``"recompute"`` (``snn.low_memory = "recompute"``), the output of every ``nn.BatchNorm1d/2d/3d``
   in training mode (batch statistics) is registered with its input, weight and bias, and when autograd saves it
   (the neuron's backward needs it), only that reference is kept: the backward recomputes it with the same
   batch-norm forward on the same input, which the batch norm's own backward keeps anyway;
-- with ``recompute_all`` (``snn.low_memory = "recompute_all"``), also the outputs of convolutions, linear layers
+- at level ``"recompute_all"`` (``snn.low_memory = "recompute_all"``), also the outputs of convolutions, linear layers
   and average pools are registered when their input can be had without keeping anything more: spikes (their
   bits), another registered output, or (convolution, linear) the input it saves for its weight gradient anyway
   (the analog first layer's). The batch norm's input, the next convolution's pooled input, ... are then
@@ -21,9 +21,12 @@ every forward that builds a graph, unless its ``low_memory`` is False), a
   reference-counted node: computed at its first use in the backward, cached until its last, so a convolution's
   output (read by the batch norm's backward and by the batch norm's recomputation) is computed once.
 
-The values are the same, so gradients are bit-identical (tested on the zoo models). The saved copy of spikes
-shrinks 32x (fp32) at no measurable cost; that of a batch-norm output to nothing, for one more batch-norm
-forward per layer in the backward (+12-18% step time on a CPU, measured: hence not the default); with
+Each recomputation runs the module's own op under the autocast state the module ran under (so under
+``torch.autocast`` too, a convolution recomputes in the same low precision from the same inputs). The values are
+the same, so gradients are bit-identical (tested on the zoo models, in fp32 and under bf16 autocast). The saved
+copy of spikes shrinks 32x (fp32) at no measurable cost; that of a batch-norm output to nothing, for one more
+batch-norm forward per layer in the backward (+5% to +22% step time on a CPU, by model and layout: hence not the
+default); with
 ``recompute_all`` what autograd keeps per spiking layer is about its bits, for one more forward of every
 convolution too. Tensors that are none of these are saved as usual; so is any changed in place after it was
 made.
@@ -80,11 +83,15 @@ class _Node:
     once, and freed as soon as autograd would have freed the saved original. A use beyond the counted ones (a
     second backward through a retained graph) recomputes it."""
 
-    __slots__ = ("cache", "compute", "inputs", "live", "name", "users", "versions")
+    __slots__ = ("amp", "cache", "compute", "inputs", "live", "name", "users", "versions")
 
     def __init__(self, name: str, compute: Any, inputs: tuple[Any, ...],
-                 versions: tuple[tuple[str, torch.Tensor | None], ...]) -> None:
+                 versions: tuple[tuple[str, torch.Tensor | None], ...],
+                 amp: tuple[str, bool, torch.dtype] | None = None) -> None:
         self.name, self.compute, self.inputs = name, compute, inputs
+        # the autocast state the module ran under, (device type, enabled, dtype): the recomputation runs under the
+        # same one, whatever autocast state the backward runs in, so each op sees the dtypes it saw in the forward
+        self.amp = amp
         # tensors the recomputation reads (weights, inputs kept as is) and their versions now: changed in place
         # before the backward, they would give another value, so that is an error
         self.versions = tuple((what, t, None if t is None else t._version) for what, t in versions)
@@ -111,30 +118,37 @@ class _Node:
                     )
             args = [i.get() if isinstance(i, _Node) else i.tensor() if isinstance(i, _Packed) else i
                     for i in self.inputs]
-            with torch.no_grad():
+            with torch.no_grad(), (contextlib.nullcontext() if self.amp is None else
+                                   torch.autocast(self.amp[0], dtype=self.amp[2], enabled=self.amp[1])):
                 v = self.compute(*args)
         self.users -= 1
         self.cache = v if self.users > 0 else None
         return v
 
 
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
 def _batch_norm_node(bn: nn.modules.batchnorm._BatchNorm, x: Any, x_tensor: torch.Tensor) -> _Node:
     """A training-mode batch norm's output, recomputed with batch statistics (the running ones not touched)."""
     w, b, eps = bn.weight, bn.bias, bn.eps
     return _Node("batch norm", lambda xv: F.batch_norm(xv, None, None, w, b, True, 0.0, eps), (x,),
-                 (("input", x_tensor if not isinstance(x, _Node) else None), ("weight", w), ("bias", b)))
+                 (("input", x_tensor if not isinstance(x, _Node) else None), ("weight", w), ("bias", b)),
+                 _autocast_state(x_tensor.device.type))
 
 
-def _module_node(m: nn.Module, x: Any) -> _Node:
+def _module_node(m: nn.Module, x: Any, device_type: str) -> _Node:
     """A convolution's, linear layer's or pool's output, recomputed by the module's own forward on its input."""
+    amp = _autocast_state(device_type)
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         w, b = m.weight, m.bias
-        return _Node(type(m).__name__, lambda xv: m._conv_forward(xv, w, b), (x,), (("weight", w), ("bias", b)))
+        return _Node(type(m).__name__, lambda xv: m._conv_forward(xv, w, b), (x,), (("weight", w), ("bias", b)), amp)
     if isinstance(m, nn.Linear):
         w, b = m.weight, m.bias
-        return _Node("Linear", lambda xv: F.linear(xv, w, b), (x,), (("weight", w), ("bias", b)))
+        return _Node("Linear", lambda xv: F.linear(xv, w, b), (x,), (("weight", w), ("bias", b)), amp)
     forward = type(m).forward  # a parameter-free pool: its forward, without the module's hooks
-    return _Node(type(m).__name__, lambda xv: forward(m, xv), (x,), ())
+    return _Node(type(m).__name__, lambda xv: forward(m, xv), (x,), (), amp)
 
 
 class _Recompute:
@@ -150,6 +164,7 @@ class _Recompute:
         return self.source.get().as_strided(self.shape, self.stride, self.offset)
 
 
+_LEVELS = ("bits", "recompute", "recompute_all")
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -170,9 +185,9 @@ def _real(t: Any) -> bool:
 
 
 class _SpikeBits:
-    def __init__(self, recompute_batch_norm: bool = False, recompute_all: bool = False) -> None:
-        self.recompute_batch_norm = recompute_batch_norm or recompute_all
-        self.recompute_all = recompute_all
+    def __init__(self, level: str) -> None:
+        self.recompute = level in ("recompute", "recompute_all")
+        self.recompute_all = level == "recompute_all"
         # storage address -> the spike tensor, weakly: an address is trusted only while its spikes live
         # (while they do, their storage cannot be freed and reused). Any view of that storage (a reshape, the
         # unsqueeze inside a 1-d pool) holds spikes only, so it is packed too.
@@ -216,11 +231,11 @@ class _SpikeBits:
         is_bn = kind in _BN_TYPES  # exactly torch's: a subclass may compute otherwise
         if not (is_bn or (self.recompute_all and (kind in _LINEAR_TYPES or isinstance(m, _POOL_TYPES)))):
             return
-        if len(args) != 1 or not (_real(args[0]) and _real(out)) or torch.is_autocast_enabled(out.device.type):
+        if len(args) != 1 or not (_real(args[0]) and _real(out)):
             return
         x = args[0]
         if is_bn:
-            if not self.recompute_batch_norm or not m.training:
+            if not m.training:
                 return
             if not (x.requires_grad or any(p is not None and p.requires_grad for p in (m.weight, m.bias))):
                 return  # the batch norm saves nothing, so its input would be kept alive for us alone
@@ -230,12 +245,12 @@ class _SpikeBits:
             src = self._source(x)
             if src is None and not m.weight.requires_grad:
                 return  # its input is not saved: keeping it would cost what recomputing saves
-            node = _module_node(m, x if src is None else src)
+            node = _module_node(m, x if src is None else src, x.device.type)
         else:  # an average pool
             src = self._source(x)
             if src is None:
                 return
-            node = _module_node(m, src)
+            node = _module_node(m, src, x.device.type)
         self.derived[out.untyped_storage().data_ptr()] = (weakref.ref(out), out._version, node)
 
     def mark(self, t: torch.Tensor) -> None:
@@ -277,26 +292,32 @@ def mark_spikes(t: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def spike_bits(recompute_batch_norm: bool = False, recompute_all: bool = False) -> Iterator[None]:
-    """Inside the block, spikes registered by ``mark_spikes`` that autograd saves are stored as bits, with
-    ``recompute_batch_norm`` saved outputs of training-mode batch norms are recomputed in the backward, and with
-    ``recompute_all`` also the outputs of convolutions, linear layers and average pools that read spikes or
-    recomputable tensors (see the module docstring).
+def spike_bits(level: str = "bits") -> Iterator[None]:
+    """Inside the block, autograd saves less (see the module docstring), by ``level``:
 
-    Nested blocks share the outer one. Where other saved-tensor hooks are already active (activation
-    checkpointing, ``torch.autograd.graph.save_on_cpu``, ...) the block does nothing, so theirs keep working
-    (autograd applies only the innermost pair). Leaves nothing behind: the hooks and the registry end with
-    the block.
+    - ``"bits"``: spikes registered by ``mark_spikes`` that autograd saves are stored as bits;
+    - ``"recompute"``: also the saved outputs of training-mode batch norms are recomputed in the backward, from
+      the batch norm's input (kept anyway);
+    - ``"recompute_all"``: also the outputs of convolutions, linear layers and average pools that read spikes,
+      recomputable tensors or an input they keep anyway.
+
+    Recomputations run under the autocast state their module ran under, so gradients are the same bit for bit
+    with and without the block, under autocast too. Nested blocks share the outer one. Where other saved-tensor
+    hooks are already active (activation checkpointing, ``torch.autograd.graph.save_on_cpu``, ...) the block does
+    nothing, so theirs keep working (autograd applies only the innermost pair). Leaves nothing behind: the hooks
+    and the registry end with the block.
     """
+    if level not in _LEVELS:
+        raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
     if _ACTIVE.get() is not None or _other_hooks_active():
         yield
         return
-    state = _SpikeBits(recompute_batch_norm, recompute_all)
+    state = _SpikeBits(level)
     token = _ACTIVE.set(state)
     # a global module hook (removed with the block) sees every module the block runs, whoever built it; it acts
     # only for this block's context (other threads have their own)
     handle = (register_module_forward_hook(functools.partial(_mark_module_hook, state))
-              if recompute_batch_norm or recompute_all else None)
+              if state.recompute else None)
     try:
         with torch.autograd.graph.saved_tensors_hooks(state.pack, state.unpack):
             yield

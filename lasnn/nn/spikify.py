@@ -333,11 +333,13 @@ class SNN(nn.Module):
             are kept as bits, not floats, at no measurable cost in step time. ``"recompute"``: also the
             outputs of training-mode batch norms that autograd saves (the neuron's input) are recomputed in
             the backward from the batch norm's input: about a quarter less activation memory on a VGG-style
-            student, for one more batch-norm forward per layer (+12-18% step time on a CPU, measured).
+            student, for one more batch-norm forward per layer (+5% to +22% step time on a CPU, by model and
+            memory layout, measured).
             ``"recompute_all"``: also the outputs of the convolutions, linear layers and average pools whose
             input is spikes (kept as bits), another recomputable tensor, or a tensor they keep anyway (the analog
             first layer's input) are recomputed: autograd keeps little more than the bits of the spikes and the
-            input, for one more forward of those layers in the backward.
+            input, for one more forward of those layers in the backward. Recomputations run under the autocast
+            state of the forward, so every level works under ``torch.autocast`` too.
             ``False``: the plain path. Off under ``torch.compile`` and wherever other saved-tensor hooks
             (checkpointing, offloading) are active.
 
@@ -435,8 +437,7 @@ class SNN(nn.Module):
             ``on_analog="error"`` when the body applies an activation function outside the spiking sites.
         """
         if self._low_memory and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            with spike_bits(recompute_batch_norm=self._low_memory == "recompute",
-                            recompute_all=self._low_memory == "recompute_all"):
+            with spike_bits("bits" if self._low_memory is True else self._low_memory):
                 return self._forward(x, return_steps)
         return self._forward(x, return_steps)
 
