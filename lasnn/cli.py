@@ -40,7 +40,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
           "layer the conv output, the batch-norm output and 1 bit per spike are saved; \"recompute\" also drops the "
           "batch-norm output (recomputed in the backward); \"recompute_all\" also the conv output and pooled spikes "
           "(recomputed from the bits and the input: about 1 bit per spike saved, one more conv forward in the "
-          "backward); average pools save nothing")
+          "backward); average pools save nothing; every level gives the plain path's gradients bit for bit, under "
+          "autocast too")
     print()
     width = max(len(op) for op in backends.OPS)
     for op, b, status in backends.table():
