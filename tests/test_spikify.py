@@ -7,6 +7,7 @@ time folding, so agreement checks folding, neuron placement, weight copying and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -803,15 +804,12 @@ def test_low_memory_bptt_gives_bit_identical_gradients_and_saves_memory(name, kw
     assert all(torch.equal(a, b) for a, b in zip(plain, _grads(snn, x, y, "recompute_all"), strict=True))
 
 
-def test_low_memory_recomputes_batch_norm_outputs_only_when_it_may():
+@contextlib.contextmanager
+def _saved_kinds():
+    """Yields a list that collects, for each tensor autograd saves inside a low-memory block, the type of what is
+    kept for it (``Tensor``, ``_Packed`` bits, ``_Recompute``)."""
     from lasnn.nn import lowmem
 
-    torch.manual_seed(0)
-    ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
-                        nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
-    snn = spikify(ann, T=3).train()
-    snn.body[4].eval()  # running statistics: its input is not saved, so its output is saved as usual
-    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,))
     kinds: list[str] = []
     pack = lowmem._SpikeBits.pack
 
@@ -822,11 +820,22 @@ def test_low_memory_recomputes_batch_norm_outputs_only_when_it_may():
 
     lowmem._SpikeBits.pack = counting
     try:
+        yield kinds
+    finally:
+        lowmem._SpikeBits.pack = pack
+
+
+def test_low_memory_recomputes_batch_norm_outputs_only_when_it_may():
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    snn = spikify(ann, T=3).train()
+    snn.body[4].eval()  # running statistics: its input is not saved, so its output is saved as usual
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,))
+    with _saved_kinds() as kinds:
         bits = _grads(snn, x, y, True)
         assert "_Recompute" not in kinds  # the default level keeps batch-norm outputs
         low = _grads(snn, x, y, "recompute")
-    finally:
-        lowmem._SpikeBits.pack = pack
     assert kinds.count("_Recompute") == 1, kinds
     plain = _grads(snn, x, y, False)
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, low, bits, strict=True))
@@ -893,8 +902,6 @@ def test_low_memory_under_autocast_recomputes_in_the_forwards_precision(name, la
     """Under bf16 autocast (``--cpu-amp``; ``--amp`` on a GPU) every level still recomputes, each op under the
     autocast state it ran under in the forward, whatever state the backward runs in: gradients bit-identical to
     the plain path's, and the recomputed tensors are really not kept."""
-    from lasnn.nn import lowmem
-
     torch.manual_seed(0)
     snn = spikify(create(name, **({"width": 0.5} if name == "resnet20" else {})), T=4).train()
     x = torch.randn(16, *model_info(name).input_shape)
@@ -902,13 +909,6 @@ def test_low_memory_under_autocast_recomputes_in_the_forwards_precision(name, la
         snn.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (16,))
-    kinds: list[str] = []
-    pack = lowmem._SpikeBits.pack
-
-    def counting(self, t):
-        out = pack(self, t)
-        kinds.append(type(out).__name__)
-        return out
 
     def grads(level, amp_in_backward: bool) -> list[torch.Tensor]:
         snn.zero_grad(set_to_none=True)
@@ -924,17 +924,13 @@ def test_low_memory_under_autocast_recomputes_in_the_forwards_precision(name, la
     # autocast applies to the ops the backward calls too (a linear layer's backward matmuls), so each case is
     # compared with the plain path under the same backward state
     plain = {amp_in_backward: grads(False, amp_in_backward) for amp_in_backward in (False, True)}
-    lowmem._SpikeBits.pack = counting
-    try:
-        for level in ("recompute", "recompute_all"):
-            for amp_in_backward in (False, True):
-                kinds.clear()
+    for level in ("recompute", "recompute_all"):
+        for amp_in_backward in (False, True):
+            with _saved_kinds() as kinds:
                 got = grads(level, amp_in_backward)
-                assert all(torch.equal(a, b) for a, b in zip(plain[amp_in_backward], got, strict=True)), \
-                    (level, amp_in_backward)
-                assert "_Recompute" in kinds, kinds
-    finally:
-        lowmem._SpikeBits.pack = pack
+            assert all(torch.equal(a, b) for a, b in zip(plain[amp_in_backward], got, strict=True)), \
+                (level, amp_in_backward)
+            assert "_Recompute" in kinds, kinds
 
 
 def test_recomputation_ignores_the_autocast_state_of_the_backward():
