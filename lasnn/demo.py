@@ -346,7 +346,7 @@ def run_demo(
             e["sweep_acc"].append(result["sweep_acc"])
 
     test = ds.loader("test", EVAL_BATCH)
-    sub = ds if sub_n is None else dataclasses.replace(ds, x_test=ds.x_test[:sub_n], y_test=ds.y_test[:sub_n])
+    n_conversion = ds.x_test.shape[0] if sub_n is None else sub_n
     # Last epochs throughout: no model is selected on the test set it is then measured on.
     trun = load_run(out / "teacher", which="last")
     teacher = trun.model.to(dev).eval()
@@ -400,7 +400,7 @@ def run_demo(
             "schedule_lr": "cosine to 0 per stage",
         },
         "conversion": conversions,
-        "conversion_test_samples": int(sub.x_test.shape[0]),
+        "conversion_test_samples": int(n_conversion),
         # "until_match": each sweep stopped at the first horizon at or after its match (its curve ends there)
         "sweeps": "full" if full_sweeps else "until_match",
         "student_accuracy_on_conversion_samples": student_target,
@@ -435,8 +435,8 @@ def run_demo(
         if not full_sweeps:
             print("(each sweep stopped at the first horizon (1, 2, 4, ..., 32, 64, 96, ...) at which it had matched "
                   "the student; --full-sweeps runs both to T-max)")
-        if sub is not ds:
-            print(f"(conversion sweeps and the student accuracy they match: the first {sub.x_test.shape[0]} test "
+        if sub_n is not None:
+            print(f"(conversion sweeps and the student accuracy they match: the first {sub_n} test "
                   f"samples, student {100 * student_target:.2f}% there)")
         print(f"{seconds:.1f} s on {dev} ({torch.get_num_threads()} threads, {cpu_seconds:.1f} s CPU time) -> "
               f"{out / 'report.json'}, {out / 'latency.png'}")
@@ -498,10 +498,14 @@ def _measure_student(run: Path, dataset: str, data_dir: str | None, T: int, t_cu
     if samples is None:
         sweep_acc = curve[T]
     else:
-        sub = dataclasses.replace(ds, x_test=ds.x_test[:samples], y_test=ds.y_test[:samples])
-        sweep_acc = accuracy_vs_timesteps(model, sub.loader("test", EVAL_BATCH), T_max=T)[T]
+        sweep_acc = accuracy_vs_timesteps(model, _first_test(ds, samples).loader("test", EVAL_BATCH), T_max=T)[T]
     return {"curve": curve, "rate": snn_firing_rate(model, test, dev), "sweep_acc": sweep_acc,
             "model": r.config.student, "beta": getattr(r.config, "beta", None)}
+
+
+def _first_test(ds: Any, samples: int | None) -> Any:
+    """``ds`` with only its first ``samples`` test samples (None: all of them)."""
+    return ds if samples is None else dataclasses.replace(ds, x_test=ds.x_test[:samples], y_test=ds.y_test[:samples])
 
 
 def _until_match(curve: dict[int, float], target: float, T_max: int) -> dict[int, float]:
@@ -531,8 +535,7 @@ def _sweep(teacher: Path, dataset: str, data_dir: str | None, samples: int | Non
 
     ds = load_dataset(dataset, data_dir)
     calib, _ = _loaders(ds, EVAL_BATCH)
-    if samples is not None:
-        ds = dataclasses.replace(ds, x_test=ds.x_test[:samples], y_test=ds.y_test[:samples])
+    ds = _first_test(ds, samples)
     dev = _device(device)
     ann = load_run(teacher, which="last").model.to(dev).eval()
     stop_at = None

@@ -512,10 +512,13 @@ class SNN(nn.Module):
         Raises:
             RuntimeError outside a :meth:`streaming` block.
         """
+        return [list(n._states) for n in self._streaming_neurons("stream_state()")]
+
+    def _streaming_neurons(self, caller: str) -> list[FoldedNeuron]:
         neurons = self.neurons()
         if not all(n._streaming for n in neurons):
-            raise RuntimeError("stream_state() needs a streaming() block: outside it no membrane is carried")
-        return [list(n._states) for n in neurons]
+            raise RuntimeError(f"{caller} needs a streaming() block: outside it no membrane is carried")
+        return neurons
 
     def load_stream_state(self, state: list[list[torch.Tensor]]) -> None:
         """Inside :meth:`streaming`: continue from ``state``, a :meth:`stream_state` snapshot of this SNN.
@@ -524,9 +527,7 @@ class SNN(nn.Module):
             RuntimeError outside a :meth:`streaming` block; ValueError when ``state`` does not have one list of
             tensors per spiking site.
         """
-        neurons = self.neurons()
-        if not all(n._streaming for n in neurons):
-            raise RuntimeError("load_stream_state() needs a streaming() block: outside it no membrane is carried")
+        neurons = self._streaming_neurons("load_stream_state()")
         if not isinstance(state, (list, tuple)) or len(state) != len(neurons) or not all(
                 isinstance(s, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in s) for s in state):
             raise ValueError(f"state must be a stream_state() snapshot of this SNN: {len(neurons)} lists of "
